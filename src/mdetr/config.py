@@ -1,0 +1,280 @@
+"""Typed configuration for models, losses, data and training.
+
+Configs are dataclasses; YAML files and ``key=value`` overrides are converted to them once, at the edge
+(:func:`load_config`). Unknown keys and contradictory options raise :class:`ConfigError` with a sentence a
+user can act on. Checkpoints store :meth:`Config.to_dict`, never parsed command-line arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or contradicts another one."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an MDETR model (defaults are the official ``main.py`` ones)."""
+
+    arch: str = "custom"
+    backbone: str = "resnet101"
+    backbone_pretrained: bool = True
+    # Which of the four backbone levels (strides 4, 8, 16, 32) feeds the transformer; MDETR uses the last.
+    backbone_level: int = 3
+    # Freeze the stem and the first this-many levels of the backbone (official: 1 for ResNet, i.e. stem and
+    # layer1; 0 for EfficientNet). -1 freezes the whole backbone.
+    backbone_frozen_levels: int = 1
+    dilation: bool = False
+    text_encoder: str = "roberta-base"
+    text_encoder_pretrained: bool = True
+    freeze_text_encoder: bool = False
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    # Token slots of the soft-token head; the last slot is "no object" (MDETR: 255 tokens + 1).
+    num_token_slots: int = 256
+    contrastive_align: bool = True
+    contrastive_hdim: int = 64
+    aux_loss: bool = True
+
+    def validate(self) -> None:
+        if self.hidden_dim % self.nheads:
+            raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.nheads ({self.nheads})")
+        if not 0 <= self.backbone_level <= 3:
+            raise ConfigError(f"model.backbone_level must be 0..3 (strides 4, 8, 16, 32), got {self.backbone_level}")
+        if not -1 <= self.backbone_frozen_levels <= 4:
+            raise ConfigError(f"model.backbone_frozen_levels must be -1..4, got {self.backbone_frozen_levels}")
+        if self.num_queries < 1 or self.dec_layers < 1:
+            raise ConfigError("model.num_queries and model.dec_layers must be at least 1")
+        if self.num_token_slots < 2:
+            raise ConfigError("model.num_token_slots must be at least 2 (tokens plus the no-object slot)")
+
+
+@dataclass
+class LossConfig:
+    """Matcher costs and loss coefficients (MDETR paper 2.2.2; official defaults)."""
+
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    ce_coef: float = 1.0
+    bbox_coef: float = 5.0
+    giou_coef: float = 2.0
+    contrastive_align_coef: float = 1.0
+    eos_coef: float = 0.1
+    temperature: float = 0.07
+    # "multi_hot": the official code's target (1 on every positive token, after its collate binarises the
+    # map); "uniform": the paper's description (uniform distribution over the span's tokens).
+    soft_token_target: str = "multi_hot"
+
+    def validate(self) -> None:
+        if self.soft_token_target not in ("multi_hot", "uniform"):
+            raise ConfigError(
+                f"loss.soft_token_target must be 'multi_hot' or 'uniform', got {self.soft_token_target!r}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be positive")
+
+
+@dataclass
+class DataConfig:
+    """Where the annotation files and images are, and how images are transformed."""
+
+    train_ann: str = ""
+    train_images: str = ""
+    val_ann: str = ""
+    val_images: str = ""
+    # Training transforms (official: random short side 480..800, max 1333; or a crop branch with p=0.5).
+    scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    crop_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 1333
+    # Evaluation / inference short side (official 800); 0 keeps the image size.
+    val_size: int = 800
+    batch_size: int = 2
+    num_workers: int = 0
+    on_error: str = "fail"
+    # Evaluate precision@k only on these dataset_name values (empty: every single-box entry).
+    refexp_datasets: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        if not self.scales or min(self.scales) <= 0 or self.max_size <= 0:
+            raise ConfigError("data.scales must be positive sizes and data.max_size positive")
+        if self.crop_min > self.crop_max:
+            raise ConfigError(f"data.crop_min ({self.crop_min}) exceeds data.crop_max ({self.crop_max})")
+        if self.on_error not in ("fail", "skip"):
+            raise ConfigError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size must be at least 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping (official defaults: three AdamW groups, clip 0.1)."""
+
+    epochs: int = 40
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    lr_text_encoder: float = 5e-5
+    weight_decay: float = 1e-4
+    clip_max_norm: float = 0.1
+    # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
+    # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for all.
+    schedule: str = "linear_with_warmup"
+    lr_drop: int = 35
+    warmup_fraction: float = 0.01
+    ema: bool = False
+    ema_decay: float = 0.9998
+    seed: int = 42
+    device: str = "cpu"
+    output_dir: str = "runs/train"
+    eval_every: int = 1
+    # Also keep a copy of the checkpoint as epoch_NNNN/ every this many epochs (0: only last/ and best/).
+    keep_every: int = 0
+    # Stop training (after finishing the current step, then evaluate and save) after this many minutes; 0: no limit.
+    max_minutes: float = 0.0
+    log_every: int = 10
+    threads: int = 0
+
+    def validate(self) -> None:
+        if self.schedule not in ("step", "linear_with_warmup", "all_linear_with_warmup"):
+            raise ConfigError(
+                f"train.schedule must be step, linear_with_warmup or all_linear_with_warmup, got {self.schedule!r}"
+            )
+        if self.epochs < 1:
+            raise ConfigError("train.epochs must be at least 1")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("train.warmup_fraction must be in [0, 1)")
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError("train.ema_decay must be in (0, 1)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for part in (self.model, self.loss, self.data, self.train):
+            part.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+        return _from_dict(cls, data, source).validate()
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field annotation, converting strings from the command line."""
+    origin = get_origin(annotation)
+    if origin is list:
+        (item,) = get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            converted = annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != converted:
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return converted
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for key, value in data.items():
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _from_dict(annotation, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, annotation, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    data = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {dotted!r} must name a section and a key, e.g. train.epochs=3")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        data.setdefault(parts[0], {})[parts[1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (sections model/loss/data/train), apply overrides, expand the model preset.
+
+    ``model.arch`` names an architecture in :mod:`mdetr.registry`; its settings are the base onto which
+    the file's other ``model`` keys are laid.
+    """
+    from mdetr.registry import get_arch_config
+
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping with sections model/loss/data/train")
+    data = apply_overrides(data, overrides or [])
+    unknown = sorted(set(data) - {"model", "loss", "data", "train"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) in {source}: {', '.join(unknown)} (known: model, loss, data, train)")
+    model = dict(data.get("model") or {})
+    if "arch" in model:
+        base = dataclasses.asdict(get_arch_config(model["arch"]))
+        base.update(model)
+        data["model"] = base
+    return Config.from_dict(data, source=source)

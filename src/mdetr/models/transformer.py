@@ -1,0 +1,197 @@
+"""The cross encoder over image and text tokens and the DETR decoder (MDETR paper Section 2.2, Figure 2).
+
+All tensors here are batch-first: sequences are (B, S, D). Parameter names follow the official model
+(``self_attn``, ``cross_attn_image``, ``linear1``, ``norm1`` ...) so its checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mdetr.models.text import FeatureResizer, build_text_encoder
+
+
+def _clones(module: nn.Module, n: int) -> nn.ModuleList:
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
+    return x if pos is None else x + pos
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention layer; positions are added to queries and keys only."""
+
+    def __init__(self, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src: Tensor, *, padding_mask: Tensor, pos: Tensor) -> Tensor:
+        q = k = _with_pos(src, pos)
+        attended = self.self_attn(q, k, src, key_padding_mask=padding_mask, need_weights=False)[0]
+        src = self.norm1(src + self.dropout1(attended))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout2(ffn))
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm decoder layer: query self-attention, cross-attention to the joint image+text memory, FFN.
+
+    The official model names the norms 1, 3 and 4 (a text cross-attention with norm 2 was removed).
+    """
+
+    def __init__(self, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn_image = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.norm4 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.dropout4 = nn.Dropout(dropout)
+
+    def forward(
+        self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor
+    ) -> Tensor:
+        q = k = _with_pos(tgt, query_pos)
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        attended = self.cross_attn_image(
+            _with_pos(tgt, query_pos), _with_pos(memory, pos), memory,
+            key_padding_mask=memory_padding_mask, need_weights=False,
+        )[0]
+        tgt = self.norm3(tgt + self.dropout3(attended))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        return self.norm4(tgt + self.dropout4(ffn))
+
+
+class Encoder(nn.Module):
+    def __init__(self, layer: EncoderLayer, num_layers: int) -> None:
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+
+    def forward(self, src: Tensor, *, padding_mask: Tensor, pos: Tensor) -> Tensor:
+        for layer in self.layers:
+            src = layer(src, padding_mask=padding_mask, pos=pos)
+        return src
+
+
+class Decoder(nn.Module):
+    """Stack of decoder layers; returns every layer's output through the shared final norm (L, B, Q, D)."""
+
+    def __init__(self, layer: DecoderLayer, num_layers: int, d_model: int) -> None:
+        super().__init__()
+        self.layers = _clones(layer, num_layers)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+        intermediate = []
+        for layer in self.layers:
+            tgt = layer(tgt, memory, memory_padding_mask=memory_padding_mask, pos=pos, query_pos=query_pos)
+            intermediate.append(self.norm(tgt))
+        return torch.stack(intermediate)
+
+
+@dataclass
+class MemoryCache:
+    """What the cross encoder produces for one batch, reusable by the decoder (and by cached-text inference).
+
+    memory: (B, HW + L, D) the joint encoder output, image tokens first.
+    padding_mask: (B, HW + L) True on padded image pixels and padded text tokens.
+    pos: (B, HW + L, D) sine positions for image tokens, zeros for text tokens.
+    text_memory: (B, L, D) the encoder output at the text positions (used by contrastive alignment).
+    text_padding_mask: (B, L) True on padding tokens.
+    tokenized: the tokenizer's BatchEncoding for the captions (offsets, char_to_token), or None.
+    """
+
+    memory: Tensor
+    padding_mask: Tensor
+    pos: Tensor
+    text_memory: Tensor
+    text_padding_mask: Tensor
+    tokenized: object | None
+
+
+@dataclass
+class EncodedText:
+    """Text already run through the text encoder and resizer: (B, L, D) features and (B, L) padding mask."""
+
+    features: Tensor
+    padding_mask: Tensor
+    tokenized: object | None = None
+
+
+class Transformer(nn.Module):
+    """Text encoder + resizer + cross encoder + decoder."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        text_encoder: str = "roberta-base",
+        text_encoder_pretrained: bool = True,
+        freeze_text_encoder: bool = False,
+    ) -> None:
+        super().__init__()
+        enc_layer = EncoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
+        dec_layer = DecoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
+        self.encoder = Encoder(enc_layer, num_encoder_layers)
+        self.decoder = Decoder(dec_layer, num_decoder_layers, d_model)
+        self.d_model = d_model
+        self.nhead = nhead
+        # Xavier init of the transformer proper, done before the text encoder exists so it is untouched.
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        self.text_encoder, self.tokenizer = build_text_encoder(text_encoder, pretrained=text_encoder_pretrained)
+        if freeze_text_encoder:
+            for p in self.text_encoder.parameters():
+                p.requires_grad_(False)
+        self.resizer = FeatureResizer(
+            input_dim=self.text_encoder.config.hidden_size, output_dim=d_model, dropout=0.1
+        )
+
+    def tokenize(self, captions: list[str], device: torch.device) -> object:
+        return self.tokenizer(captions, padding="longest", return_tensors="pt").to(device)
+
+    def encode_text(self, captions: list[str], device: torch.device) -> EncodedText:
+        tokenized = self.tokenize(captions, device)
+        inputs = {k: v for k, v in tokenized.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = self.text_encoder(**inputs).last_hidden_state  # (B, L, H_text)
+        return EncodedText(self.resizer(hidden), tokenized["attention_mask"].ne(1), tokenized)
+
+    def encode(self, src: Tensor, mask: Tensor, pos: Tensor, text: EncodedText) -> MemoryCache:
+        """Joint self-attention over image tokens (B, HW, D) and text tokens; text gets zero position."""
+        memory = torch.cat([src, text.features], dim=1)
+        padding_mask = torch.cat([mask, text.padding_mask], dim=1)
+        pos = torch.cat([pos, torch.zeros_like(text.features)], dim=1)
+        memory = self.encoder(memory, padding_mask=padding_mask, pos=pos)
+        length = text.features.shape[1]
+        return MemoryCache(memory, padding_mask, pos, memory[:, -length:], text.padding_mask, text.tokenized)
+
+    def decode(self, cache: MemoryCache, query_embed: Tensor) -> Tensor:
+        """Object queries (Q, D) cross-attend to the joint memory; returns (L_dec, B, Q, D)."""
+        batch = cache.memory.shape[0]
+        query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
+        tgt = torch.zeros_like(query_pos)
+        return self.decoder(tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos)

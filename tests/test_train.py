@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+
+from mdetr.builder import build, load
+from mdetr.config import load_config
+from mdetr.engine.checkpoint import CheckpointError, restore_training, save_checkpoint
+from mdetr.engine.optim import build_optimizer
+from mdetr.engine.train import train
+
+
+def test_short_training_run_loss_falls(shapes_dir, tmp_path, tiny_overrides):
+    config = load_config(None, tiny_overrides(shapes_dir, tmp_path / "run", "train.epochs=6", "train.eval_every=6"))
+    result = train(config, progress=False, echo=lambda *_: None)
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["type"] == "train"]
+    assert len(losses) == result.steps and result.steps % 6 == 0  # log_every=1: one record per step
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    evals = [r for r in records if r["type"] == "eval"]
+    assert evals and 0.0 <= evals[-1]["P@1"] <= 1.0
+    assert (tmp_path / "run" / "last" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "best" / "model.safetensors").exists()
+    assert result.epochs_done == 6
+
+
+def test_checkpoint_round_trip_and_resume_equals_uninterrupted(shapes_dir, tmp_path, tiny_overrides):
+    base = tiny_overrides(shapes_dir, tmp_path / "full", "train.epochs=2", "train.eval_every=100",
+                          "train.keep_every=1", "train.ema=true", "train.ema_decay=0.9")
+    full = train(load_config(None, base), progress=False, echo=lambda *_: None)
+    # Resume a second run from the first run's epoch-0 snapshot: it must end where the first ended.
+    rest = tiny_overrides(shapes_dir, tmp_path / "resumed", "train.epochs=2", "train.eval_every=100",
+                          "train.ema=true", "train.ema_decay=0.9")
+    resumed = train(load_config(None, rest), resume=tmp_path / "full" / "epoch_0000", progress=False,
+                    echo=lambda *_: None)
+    assert resumed.steps == full.steps
+    a = load(tmp_path / "full" / "last").state_dict()
+    b = load(tmp_path / "resumed" / "last").state_dict()
+    ema_a = load(tmp_path / "full" / "last", weights="ema").state_dict()
+    ema_b = load(tmp_path / "resumed" / "last", weights="ema").state_dict()
+    for key in ema_a:
+        assert torch.allclose(ema_a[key], ema_b[key], atol=1e-6), key
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_checkpoint_restores_optimizer_and_rejects_mismatch(shapes_dir, tmp_path, tiny_overrides):
+    config = load_config(None, tiny_overrides(shapes_dir, tmp_path))
+    model, _, _ = build(config)
+    optimizer = build_optimizer(model, config.train)
+    model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), ["a red circle"]).pred_boxes.sum().backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "ck", model=model, config=config.to_dict(), optimizer=optimizer, state={"epoch": 0, "step": 1})
+    model2, _, _ = build(config)
+    optimizer2 = build_optimizer(model2, config.train)
+    state = restore_training(tmp_path / "ck", model=model2, optimizer=optimizer2)
+    assert state == {"epoch": 0, "step": 1}
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+    s1, s2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"])
+    other = load_config(None, tiny_overrides(shapes_dir, tmp_path, "model.num_queries=3"))
+    model3, _, _ = build(other)
+    with pytest.raises(CheckpointError, match="query_embed.weight"):
+        restore_training(tmp_path / "ck", model=model3)
