@@ -21,9 +21,8 @@ from torch.utils.data import DataLoader
 from mdetr.builder import load
 from mdetr.config import load_config
 from mdetr.data.collate import collate
-from mdetr.data.modulated import ModulatedDetection
+from mdetr.data.build import build_dataset
 from mdetr.data.shapes import generate_shapes
-from mdetr.data.transforms import make_transforms
 from mdetr.engine.evaluate import evaluate
 from mdetr.engine.train import train
 from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
@@ -33,11 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def evaluate_split(checkpoint: Path, data_dir: Path, split: str) -> dict:
     model = load(checkpoint)
-    data = model.train_config.data
-    transforms = make_transforms("val", scales=data.scales, max_size=data.max_size, crop_scales=data.crop_scales,
-                                 crop_min=data.crop_min, crop_max=data.crop_max, val_size=data.val_size or None)
-    dataset = ModulatedDetection(data_dir / f"{split}.json", data_dir / "images", tokenizer=model.tokenizer,
-                                 transforms=transforms)
+    dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=data_dir / f"{split}.json",
+                            image_root=data_dir / "images")
     evaluators = {"refexp": RefExpEvaluator(dataset.ground_truth, dataset_names=["shapes_refexp"]),
                   "box_ap": CocoBoxEvaluator(dataset.ground_truth)}
     loader = DataLoader(dataset, batch_size=16, collate_fn=collate)

@@ -12,7 +12,7 @@ def shapes_dir(tmp_path_factory):
     from mdetr.data.shapes import generate_shapes
 
     out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, seed=0, num_train=12, num_val=4, num_val_unseen=4, image_size=128)
+    generate_shapes(out, seed=0, num_train=6, num_val=3, num_val_unseen=2, image_size=128)
     return out
 
 
@@ -20,7 +20,7 @@ def _tiny_overrides(shapes_dir, output_dir, *extra):
     """A 2-layer, 64-wide mdetr_lite on the tiny shapes set: seconds per epoch on a CPU."""
     return [
         "model.arch=mdetr_lite", "model.hidden_dim=64", "model.nheads=4", "model.enc_layers=1",
-        "model.dec_layers=2", "model.dim_feedforward=128", "model.num_queries=6", "model.dropout=0.0",
+        "model.dec_layers=2", "model.dim_feedforward=128", "model.num_queries=6", "model.dropout=0.0", "model.freeze_text_encoder=true",
         f"data.train_ann={shapes_dir / 'train.json'}", f"data.train_images={shapes_dir / 'images'}",
         f"data.val_ann={shapes_dir / 'val.json'}", f"data.val_images={shapes_dir / 'images'}",
         "data.scales=[128]", "data.crop_scales=[128]", "data.crop_min=96", "data.crop_max=128",

@@ -59,16 +59,12 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     from mdetr.builder import load
     from mdetr.data.collate import collate
-    from mdetr.data.modulated import ModulatedDetection
-    from mdetr.data.transforms import make_transforms
+    from mdetr.data.build import build_dataset
     from mdetr.engine.evaluate import evaluate
     from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 
     model = load(args.checkpoint, weights=args.weights, device=args.device)
-    data = model.train_config.data
-    transforms = make_transforms("val", scales=data.scales, max_size=data.max_size, crop_scales=data.crop_scales,
-                                 crop_min=data.crop_min, crop_max=data.crop_max, val_size=data.val_size or None)
-    dataset = ModulatedDetection(args.ann, args.images, tokenizer=model.tokenizer, transforms=transforms)
+    dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=args.ann, image_root=args.images)
     evaluators: dict[str, object] = {"box_ap": CocoBoxEvaluator(dataset.ground_truth)}
     names = [n for n in args.refexp_datasets.split(",") if n]
     if names:
@@ -206,8 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The error's own sentence, without the worker traceback a DataLoader adds when it re-raises."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

@@ -47,11 +47,13 @@ class DataError(ValueError):
     ``"train.json, annotation id 40 (image id 12): span [3, 90) lies outside the caption (20 characters)."``
     """
 
-    def __init__(self, message: str, *, file: str, entry: str | None = None) -> None:
-        self.file = file
+    def __init__(self, message: str, *, file: str | None = None, entry: str | None = None) -> None:
+        # ``file`` may be omitted so that a DataLoader worker can re-raise the error in the main process
+        # from its text alone (it calls ``type(err)(text)``); the text then already names file and entry.
+        self.file = file or ""
         self.entry = entry
         self.message = message
-        super().__init__(_describe(file, entry, message))
+        super().__init__(_describe(file, entry, message) if file else message)
 
     @property
     def problem(self) -> Problem:

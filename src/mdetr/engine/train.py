@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from mdetr.config import Config
 from mdetr.data.collate import collate
+from mdetr.data.build import build_dataset
 from mdetr.data.modulated import ModulatedDetection
-from mdetr.data.transforms import make_transforms
 from mdetr.engine.checkpoint import restore_training, save_checkpoint
 from mdetr.engine.evaluate import evaluate
 from mdetr.engine.optim import ModelEMA, adjust_learning_rate, build_optimizer
@@ -33,16 +33,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_dataset(config: Config, split: str, tokenizer: object) -> ModulatedDetection:
-    data = config.data
-    ann, images = (data.train_ann, data.train_images) if split == "train" else (data.val_ann, data.val_images)
-    transforms = make_transforms(
-        split, scales=data.scales, max_size=data.max_size, crop_scales=data.crop_scales,
-        crop_min=data.crop_min, crop_max=data.crop_max, val_size=data.val_size or None,
-    )
-    return ModulatedDetection(ann, images, tokenizer=tokenizer, transforms=transforms, on_error=data.on_error)
 
 
 def build_evaluators(config: Config, dataset: ModulatedDetection) -> dict[str, object]:
@@ -100,8 +90,8 @@ def train(config: Config, *, resume: str | Path | None = None, progress: bool = 
     model, criterion, weights = build(config)
     device = torch.device(tc.device)
     model.to(device)
-    train_set = build_dataset(config, "train", model.tokenizer)
-    val_set = build_dataset(config, "val", model.tokenizer) if config.data.val_ann else None
+    train_set = build_dataset(config.data, "train", model.tokenizer)
+    val_set = build_dataset(config.data, "val", model.tokenizer) if config.data.val_ann else None
     optimizer = build_optimizer(model, tc)
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema else None
 

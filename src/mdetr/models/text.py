@@ -36,6 +36,8 @@ def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module
     path = resolve_text_encoder(name)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the MiniLM files have no pooler weights; that warning is noise here
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
         if pretrained:
@@ -48,6 +50,8 @@ def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module
         raise RuntimeError(f"cannot load text encoder {name!r}{hint}: {err}") from err
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     if not getattr(tokenizer, "is_fast", False):
         raise RuntimeError(f"text encoder {name!r} has no fast tokenizer; character offsets need one")
     logging.getLogger(__name__).debug("text encoder %s from %s", name, path)
