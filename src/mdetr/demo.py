@@ -29,6 +29,7 @@ def run_demo(output_dir: Path, *, minutes: float = 4.0, num_examples: int = 6, s
         f"data.train_ann={data_dir / 'train.json'}", f"data.train_images={data_dir / 'images'}",
         f"data.val_ann={data_dir / 'val.json'}", f"data.val_images={data_dir / 'images'}",
         f"train.output_dir={output_dir / 'train'}", f"train.max_minutes={minutes}", "train.epochs=100",
+        "train.overwrite=true",
     ]
     config = load_config(PRESET if PRESET.exists() else None, overrides)
     print(f"training mdetr_lite for {minutes:g} minutes (progress below) ...")

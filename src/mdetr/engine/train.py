@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mdetr.config import Config
+from mdetr.config import Config, ConfigError
 from mdetr.data.collate import collate
 from mdetr.data.build import build_dataset
 from mdetr.data.modulated import ModulatedDetection
@@ -83,6 +83,11 @@ def train(config: Config, *, resume: str | Path | None = None, progress: bool = 
         torch.set_num_threads(tc.threads)
     seed_everything(tc.seed)
     out = Path(tc.output_dir)
+    if resume is None and not tc.overwrite and ((out / "last").exists() or (out / "best").exists()):
+        raise ConfigError(
+            f"{out} already holds checkpoints of an earlier run; continue it with --resume {out / 'last'}, "
+            "choose another train.output_dir, or set train.overwrite=true to replace them"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     log = JsonlLog(out / "log.jsonl")
