@@ -46,3 +46,39 @@ def _tiny_overrides(shapes_dir, output_dir, *extra):
 @pytest.fixture
 def tiny_overrides():
     return _tiny_overrides
+
+
+def make_tiny_roberta(folder, *, num_layers=2, hidden=32, seed=0):
+    """A RoBERTa-style encoder (roberta-base / distilroberta-base module names, one token type, a pooler)
+    with a byte-level BPE tokenizer, saved as a local folder; narrower and shallower than the real ones."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False)
+    bpe.train_from_iterator(["the small red circle left of the blue square", "a large green metal star",
+                             "is there a cube behind the cylinder", "what color is the sphere"] * 5,
+                            vocab_size=300, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=num_layers,
+                           num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=40,
+                           pad_token_id=1, type_vocab_size=1)
+    torch.manual_seed(seed)
+    RobertaModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def roberta_like(tmp_path_factory):
+    """Stands in for roberta-base (offline): 2 layers, width 32."""
+    return make_tiny_roberta(tmp_path_factory.mktemp("roberta-like"), num_layers=2, hidden=32)
+
+
+@pytest.fixture(scope="session")
+def distilroberta_like(tmp_path_factory):
+    """Stands in for distilroberta-base (offline): 6 layers as the real one, width 32."""
+    return make_tiny_roberta(tmp_path_factory.mktemp("distilroberta-like"), num_layers=6, hidden=32, seed=1)

@@ -9,7 +9,7 @@
 from mdetr.builder import build, build_model, load
 from mdetr.config import Config, ConfigError, load_config
 from mdetr.inference.predictor import Predictor
-from mdetr.registry import available_archs, get_arch_config
+from mdetr.registry import available_archs, get_arch_config, official_archs
 
 __all__ = ["Config", "ConfigError", "Predictor", "available_archs", "build", "build_model", "get_arch_config",
-           "load", "load_config"]
+           "load", "load_config", "official_archs"]

@@ -5,17 +5,29 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from mdetr.config import Config, LossConfig, ModelConfig
-from mdetr.engine.checkpoint import MODEL_FILE, load_weights, read_checkpoint_doc
+from torch import nn
+
+from mdetr.config import Config, ConfigError, LossConfig, ModelConfig
+from mdetr.engine.checkpoint import EMA_FILE, MODEL_FILE, TEXT_ENCODER_DIR, load_weights, read_checkpoint_doc
 from mdetr.losses.criterion import SetCriterion, build_criterion, weight_dict
 from mdetr.models.mdetr import MDETR
+from mdetr.models.segmentation import MDETRSegmentation
+from mdetr.registry import official_archs
 
 
-def build_model(config: ModelConfig) -> MDETR:
-    return MDETR(config)
+def build_model(config: ModelConfig) -> nn.Module:
+    """The model a config describes: :class:`MDETR`, or :class:`MDETRSegmentation` when ``masks`` is set."""
+    detr = MDETR(config)
+    return MDETRSegmentation(detr=detr) if config.masks else detr
 
 
-def build(config: Config) -> tuple[MDETR, SetCriterion, dict[str, float]]:
+def build(config: Config) -> tuple[nn.Module, SetCriterion, dict[str, float]]:
+    heads = [name for name, on in (("QA", config.model.qa_dataset), ("is-final", config.model.predict_final),
+                                   ("mask", config.model.masks)) if on]
+    if heads:
+        # The criterion only supervises boxes, token slots and alignment so far.
+        raise ConfigError(f"training with {' / '.join(heads)} heads is not supported yet; these heads are "
+                          "for running released checkpoints (mdetr.load / mdetr convert)")
     model = build_model(config.model)
     criterion = build_criterion(config.loss, num_token_slots=config.model.num_token_slots)
     weights = weight_dict(
@@ -30,17 +42,45 @@ def load_config_from_checkpoint(path: str | Path) -> Config:
     return Config.from_dict(read_checkpoint_doc(path)["config"], source=f"{path}/state.json")
 
 
-def load(path: str | Path, *, weights: str = "model", device: str = "cpu") -> MDETR:
-    """Build a model from a checkpoint folder written by ``mdetr train`` and load its weights.
+def load(
+    path: str | Path,
+    *,
+    weights: str = "model",
+    device: str = "cpu",
+    arch: str | None = None,
+    text_encoder: str | None = None,
+) -> nn.Module:
+    """Build a model and load its weights, from either checkpoint format.
 
+    path: a checkpoint folder written by ``mdetr train`` or ``mdetr convert``; or an official MDETR
+        ``.pth`` file, which needs ``arch`` (its torch.hub name, e.g. ``"mdetr_resnet101_refcoco"``).
     weights: "model", or "ema" for the moving-average weights when the run kept them.
+    text_encoder: a local folder with the text encoder's config and tokenizer files, replacing the one the
+        config names (e.g. when ``roberta-base`` is not in the Hugging Face cache).
     """
+    if weights not in ("model", "ema"):
+        raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
     path = Path(path)
+    if not path.is_dir() and (path.is_file() or arch is not None or path.suffix in (".pth", ".pt")):
+        if arch is None:
+            raise ConfigError(f"{path} is a file: an official MDETR checkpoint needs arch=<hub name> "
+                              f"(one of {', '.join(official_archs())})")
+        from mdetr.checkpoints.official import load_official
+
+        return load_official(path, arch, ema=weights == "ema", text_encoder=text_encoder, device=device)
+    if arch is not None:
+        raise ConfigError(f"arch={arch!r} applies to official .pth files; {path} is a checkpoint folder "
+                          "whose config names its architecture")
     config = load_config_from_checkpoint(path)
     # The checkpoint holds every weight, so nothing pretrained needs to be read first.
     model_config = dataclasses.replace(config.model, backbone_pretrained=False, text_encoder_pretrained=False)
+    bundled = path / TEXT_ENCODER_DIR
+    if text_encoder is not None:
+        model_config.text_encoder = text_encoder
+    elif bundled.is_dir():
+        model_config.text_encoder = str(bundled)
     model = build_model(model_config)
-    file = path / (MODEL_FILE if weights == "model" else "ema.safetensors")
+    file = path / (MODEL_FILE if weights == "model" else EMA_FILE)
     load_weights(model, file)
     model.config = config.model
     model.train_config = config

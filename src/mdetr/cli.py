@@ -15,7 +15,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from mdetr.data.errors import DataError
     from mdetr.engine.checkpoint import CheckpointError
 
-    return (ConfigError, DataError, CheckpointError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -185,8 +185,35 @@ def demo_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def convert_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdetr convert",
+        description="Convert an official MDETR checkpoint (.pth from the torch.hub release) into a "
+                    "checkpoint folder (safetensors + config + tokenizer files + conversion_report.json).")
+    parser.add_argument("checkpoint", help="the official .pth file, e.g. pretrained_resnet101_checkpoint.pth")
+    parser.add_argument("output_dir", help="checkpoint folder to write")
+    parser.add_argument("--arch", required=True, help="its torch.hub name, e.g. mdetr_resnet101_refcoco")
+    parser.add_argument("--text-encoder", help="local folder with the text encoder's config and tokenizer "
+                        "files (roberta-base / distilroberta-base) when the Hugging Face cache lacks them")
+    parser.add_argument("--ema", action="store_true", help="convert the moving-average weights (model_ema)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    from mdetr.checkpoints.official import REPORT_FILE, convert_official
+
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    convert_official(args.checkpoint, out, arch=args.arch, ema=args.ema, text_encoder=args.text_encoder)
+    report = json.loads((out / REPORT_FILE).read_text())
+    dropped = ", ".join(report["dropped"]) or "nothing"
+    print(f"converted {report['num_tensors']} tensors ({report['num_values']:,} values) of {args.arch} "
+          f"({report['weights']}) from {args.checkpoint}; dropped {dropped}")
+    print(f"wrote {out} (report: {out / REPORT_FILE}); load it with mdetr.load({str(out)!r})")
+    return 0
+
+
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "predict": predict_main, "data": data_main,
-            "demo": demo_main}
+            "demo": demo_main, "convert": convert_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
               "  evaluate  precision@k and box AP of a checkpoint on an annotation file\n"
               "  predict   ground a sentence in images (JSON + annotated PNGs)\n"
               "  data      generate the shapes set, validate annotation files\n"
-              "  demo      the whole loop on synthetic shapes in a few minutes", file=sys.stderr)
+              "  demo      the whole loop on synthetic shapes in a few minutes\n"
+              "  convert   turn an official MDETR .pth checkpoint into a checkpoint folder", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -48,6 +48,15 @@ class ModelConfig:
     contrastive_align: bool = True
     contrastive_hdim: int = 64
     aux_loss: bool = True
+    # Question answering (MDETR Section 4.4): "" (none), "gqa" or "clevr". Extra learned queries are appended
+    # after the object queries and answer heads read them (see mdetr.models.heads.answer_head_specs).
+    qa_dataset: str = ""
+    # GQA: one query and head per answer type (the released models) or a single 1853-way head.
+    split_qa_heads: bool = True
+    # CLEVR-Ref+: a per-query logit saying whether the box is in the final referred set.
+    predict_final: bool = False
+    # PhraseCut segmentation: wrap the detector with the attention-map + small-FPN mask head.
+    masks: bool = False
 
     def validate(self) -> None:
         if self.hidden_dim % self.nheads:
@@ -60,6 +69,23 @@ class ModelConfig:
             raise ConfigError("model.num_queries and model.dec_layers must be at least 1")
         if self.num_token_slots < 2:
             raise ConfigError("model.num_token_slots must be at least 2 (tokens plus the no-object slot)")
+        if self.qa_dataset not in ("", "gqa", "clevr"):
+            raise ConfigError(f"model.qa_dataset must be '', 'gqa' or 'clevr', got {self.qa_dataset!r}")
+        if self.qa_dataset == "clevr" and not self.split_qa_heads:
+            raise ConfigError(
+                "model.qa_dataset=clevr needs model.split_qa_heads=true (CLEVR has no single answer head)"
+            )
+        if self.masks and (self.qa_dataset or self.predict_final or self.contrastive_align):
+            raise ConfigError(
+                "model.masks=true builds the PhraseCut segmentation model, which predicts boxes and masks "
+                "only: set model.qa_dataset='', model.predict_final=false and model.contrastive_align=false"
+            )
+        if self.masks and (self.hidden_dim % 128 or (self.hidden_dim + self.nheads) % 8):
+            # The mask head's GroupNorm(8) layers run at widths D + heads and D/2 .. D/16.
+            raise ConfigError(
+                f"model.masks=true needs model.hidden_dim a multiple of 128 and hidden_dim + nheads a "
+                f"multiple of 8, got hidden_dim={self.hidden_dim}, nheads={self.nheads}"
+            )
 
 
 @dataclass
@@ -106,6 +132,9 @@ class DataConfig:
     val_size: int = 800
     batch_size: int = 2
     num_workers: int = 0
+    # Pad training batches up to a multiple of this (1: to the batch maximum, as the official code). A
+    # multiple of 32 leaves few distinct shapes, so CPU kernels compiled for a shape are reused.
+    size_divisibility: int = 1
     on_error: str = "fail"
     # Evaluate precision@k only on these dataset_name values (empty: every single-box entry).
     refexp_datasets: list[str] = field(default_factory=list)
@@ -131,6 +160,9 @@ class TrainConfig:
     lr_text_encoder: float = 5e-5
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
+    # Mixed precision for the forward pass: "none", or "bf16" autocast (on CPUs with bf16 matrix units it is
+    # several times faster per matmul); weights, optimizer state and the losses stay float32.
+    amp: str = "none"
     # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
     # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for all.
     schedule: str = "linear_with_warmup"
@@ -158,6 +190,8 @@ class TrainConfig:
             )
         if self.epochs < 1:
             raise ConfigError("train.epochs must be at least 1")
+        if self.amp not in ("none", "bf16"):
+            raise ConfigError(f"train.amp must be 'none' or 'bf16', got {self.amp!r}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("train.warmup_fraction must be in [0, 1)")
         if not 0 < self.ema_decay < 1:

@@ -23,6 +23,8 @@ STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# Optional: the text encoder's config and tokenizer files, so a converted checkpoint loads offline.
+TEXT_ENCODER_DIR = "text_encoder"
 
 
 class CheckpointError(RuntimeError):
@@ -126,12 +128,13 @@ def read_checkpoint_doc(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def load_weights(module: nn.Module, file: str | Path) -> None:
-    """Strictly load a safetensors state dict; a mismatch is one error listing the keys."""
-    try:
-        tensors = load_file(str(file))
-    except Exception as err:  # safetensors raises several types for truncated/corrupt files
-        raise CheckpointError(f"cannot read {file}: {err}") from None
+def _listing(keys: list[str], limit: int = 20) -> str:
+    more = f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_state_dict(module: nn.Module, tensors: dict[str, torch.Tensor], *, source: str | Path) -> None:
+    """Raise one :class:`CheckpointError` listing every missing key, unexpected key and shape mismatch."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -139,14 +142,28 @@ def load_weights(module: nn.Module, file: str | Path) -> None:
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
+            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
         if shapes:
-            parts.append("shape mismatches: " + ", ".join(
-                f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes[:20]))
-        raise CheckpointError(f"{file} does not fit the model: " + "; ".join(parts))
+            parts.append(f"shape mismatches ({len(shapes)}): " + _listing(
+                [f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in shapes]))
+        raise CheckpointError(f"{source} does not fit the model: " + "; ".join(parts))
+
+
+def load_state_dict_strict(module: nn.Module, tensors: dict[str, torch.Tensor], *, source: str | Path) -> None:
+    """Load every tensor into ``module`` after :func:`check_state_dict` found the key sets equal."""
+    check_state_dict(module, tensors, source=source)
     module.load_state_dict(tensors, strict=True)
+
+
+def load_weights(module: nn.Module, file: str | Path) -> None:
+    """Strictly load a safetensors state dict; a mismatch is one error listing the keys."""
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"cannot read {file}: {err}") from None
+    load_state_dict_strict(module, tensors, source=file)
 
 
 def restore_training(

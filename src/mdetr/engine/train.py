@@ -7,6 +7,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,7 @@ def train(config: Config, *, resume: str | Path | None = None, progress: bool = 
     for epoch in range(start_epoch, tc.epochs):
         generator = torch.Generator().manual_seed(tc.seed + epoch)
         loader = DataLoader(train_set, batch_size=config.data.batch_size, shuffle=True, drop_last=True,
-                            collate_fn=collate, num_workers=config.data.num_workers, generator=generator,
+                            collate_fn=partial(collate, size_divisibility=config.data.size_divisibility), num_workers=config.data.num_workers, generator=generator,
                             persistent_workers=False)
         step, out_of_time = _train_one_epoch(
             model, criterion, weights, loader, optimizer, ema, config, epoch=epoch, step=step,
@@ -167,8 +168,9 @@ def _train_one_epoch(model, criterion, weights, loader, optimizer, ema, config: 
             continue
         batch = batch.to(device)
         adjust_learning_rate(optimizer, tc, epoch=epoch, step=step, total_steps=total_steps)
-        outputs = model(batch.images, batch.masks, batch.captions)
-        losses = criterion(outputs, batch.targets)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.amp == "bf16"):
+            outputs = model(batch.images, batch.masks, batch.captions)
+        losses = criterion(outputs, batch.targets)  # float32: the criterion upcasts predictions
         loss = total_loss(losses, weights)
         if not torch.isfinite(loss):
             ids = [int(t["image_id"]) for t in batch.targets]

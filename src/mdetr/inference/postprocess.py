@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mdetr.models.mdetr import MDETROutput
@@ -22,9 +23,39 @@ def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, T
     h, w = target_sizes.float().unbind(-1)
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
     boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
-    return [
+    results = [
         {"scores": s, "boxes": b, "token_probs": p[:, :-1]} for s, b, p in zip(scores, boxes, prob)
     ]
+    if outputs.pred_isfinal is not None:
+        # CLEVR-Ref+: a box counts for the referring expression only if it is also in the final set.
+        refexp = scores * outputs.pred_isfinal.float().sigmoid().squeeze(-1)
+        for result, value in zip(results, refexp, strict=True):
+            result["scores_refexp"] = value
+    return results
+
+
+@torch.no_grad()
+def post_process_masks(
+    pred_masks: Tensor, image_sizes: Tensor, original_sizes: Tensor, *, threshold: float = 0.5
+) -> list[Tensor]:
+    """Binary masks in original pixels from the segmentation model's mask logits.
+
+    pred_masks: (B, Q, h, w) logits at stride 4 of the padded batch.
+    image_sizes: (B, 2) (height, width) of each image as fed to the model, before padding.
+    original_sizes: (B, 2) (height, width) to return the masks at.
+    Returns per image a (Q, H, W) bool tensor: logits upsampled (bilinear) to the padded input size, cropped
+    to the image, resized (bilinear) to the original size, then sigmoid > threshold.
+    """
+    padded_h, padded_w = image_sizes.max(0).values.tolist()
+    logits = F.interpolate(pred_masks.float(), size=(padded_h, padded_w), mode="bilinear",
+                           align_corners=False)
+    masks = []
+    for logit, (h, w), (orig_h, orig_w) in zip(logits, image_sizes.tolist(), original_sizes.tolist(),
+                                               strict=True):
+        cropped = logit[None, :, :h, :w]  # (1, Q, h, w)
+        resized = F.interpolate(cropped, size=(orig_h, orig_w), mode="bilinear", align_corners=False)
+        masks.append(resized[0].sigmoid() > threshold)
+    return masks
 
 
 def token_char_spans(tokenized: object, batch_index: int, token_ids: list[int]) -> list[tuple[int, int]]:

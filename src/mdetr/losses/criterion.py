@@ -53,7 +53,7 @@ def contrastive_align_loss(
     tokens each query's matched box is aligned with; padding tokens (text_padding_mask True) are not part of
     the sentence and are left out of both softmaxes.
     """
-    logits = proj_queries @ proj_tokens.transpose(-1, -2) / temperature  # (B, Q, L)
+    logits = proj_queries.float() @ proj_tokens.float().transpose(-1, -2) / temperature  # (B, Q, L)
     pad = text_padding_mask[:, None, :].expand_as(logits)
     logits = logits.masked_fill(pad, float("-inf"))
     positive = positive & ~pad

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,3 +23,64 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
+
+
+@dataclass(frozen=True)
+class AnswerHeadSpec:
+    """One question-answering head, fed by one appended QA query.
+
+    name: the head is the model attribute ``{name}_head`` (the official parameter name) and its output is
+        ``MDETROutput.qa[name]`` (the official output key is ``pred_{name}``).
+    num_outputs: answer classes (1 for the CLEVR yes/no logit).
+    mlp: a 3-layer MLP (CLEVR counting) instead of one Linear layer.
+    squeeze: drop the trailing size-1 dimension, giving (B,) instead of (B, 1).
+    """
+
+    name: str
+    num_outputs: int
+    mlp: bool = False
+    squeeze: bool = False
+
+
+# Listed in the order of the QA queries they read (query i of the appended block feeds head i).
+GQA_ANSWER_HEADS = (
+    AnswerHeadSpec("answer_type", 5),
+    AnswerHeadSpec("answer_obj", 3),
+    AnswerHeadSpec("answer_rel", 1594),
+    AnswerHeadSpec("answer_attr", 403),
+    AnswerHeadSpec("answer_cat", 678),
+    AnswerHeadSpec("answer_global", 111),
+)
+# The unified GQA head: one query, one class per answer of the GQA answer vocabulary.
+GQA_UNIFIED_ANSWER_HEADS = (AnswerHeadSpec("answer", 1853),)
+CLEVR_ANSWER_HEADS = (
+    AnswerHeadSpec("answer_type", 3),
+    AnswerHeadSpec("answer_binary", 1, squeeze=True),
+    AnswerHeadSpec("answer_reg", 20, mlp=True),
+    AnswerHeadSpec("answer_attr", 15),
+)
+
+# Class index -> meaning for the type heads, as in the official datasets.
+GQA_ANSWER_TYPES = ("obj", "attr", "rel", "global", "cat")
+CLEVR_ANSWER_TYPES = ("binary", "attribute", "count")
+CLEVR_ATTRIBUTES = (
+    "small", "large", "gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow",
+    "cube", "sphere", "cylinder", "rubber", "metal",
+)
+
+
+def answer_head_specs(qa_dataset: str, *, split_qa_heads: bool = True) -> tuple[AnswerHeadSpec, ...]:
+    """The heads (and so the number of QA queries) of a QA variant; ``()`` when ``qa_dataset`` is empty."""
+    if not qa_dataset:
+        return ()
+    if qa_dataset == "gqa":
+        return GQA_ANSWER_HEADS if split_qa_heads else GQA_UNIFIED_ANSWER_HEADS
+    if qa_dataset == "clevr" and split_qa_heads:
+        return CLEVR_ANSWER_HEADS
+    raise ValueError(f"no answer heads for qa_dataset={qa_dataset!r}, split_qa_heads={split_qa_heads}")
+
+
+def build_answer_head(spec: AnswerHeadSpec, *, hidden_dim: int) -> nn.Module:
+    if spec.mlp:
+        return MLP(input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=spec.num_outputs, num_layers=3)
+    return nn.Linear(hidden_dim, spec.num_outputs)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from mdetr.config import ModelConfig
 from mdetr.models.backbones import build_backbone_body
-from mdetr.models.heads import MLP
+from mdetr.models.heads import MLP, answer_head_specs, build_answer_head
 from mdetr.models.position import PositionEmbeddingSine
 from mdetr.models.transformer import EncodedText, MemoryCache, Transformer
 
@@ -31,6 +31,15 @@ class MDETROutput:
     text_padding_mask: (B, L) True on padding tokens.
     tokenized: the captions' BatchEncoding (for offsets -> phrases), or None with pre-encoded text.
     aux_outputs: the same for decoder layers 0..L_dec-2 (empty when aux_loss is off).
+    qa: answer logits of a QA model, keyed by head name (the official key is ``"pred_" + name``); empty
+        otherwise. GQA: ``answer_type`` (B, 5) over (obj, attr, rel, global, cat), ``answer_obj`` (B, 3),
+        ``answer_rel`` (B, 1594), ``answer_attr`` (B, 403), ``answer_cat`` (B, 678), ``answer_global``
+        (B, 111); unified GQA: ``answer`` (B, 1853). CLEVR: ``answer_type`` (B, 3) over (binary, attribute,
+        count), ``answer_binary`` (B,) yes-logit, ``answer_reg`` (B, 20) count classes, ``answer_attr``
+        (B, 15). Read from the first decoder layer, so only at the top level, never in ``aux_outputs``.
+    pred_isfinal: (B, Q, 1) logit that a box belongs to the final referred set (CLEVR-Ref+), or None.
+    pred_masks: (B, Q, H/4, W/4) mask logits of the segmentation model (size of the stride-4 backbone
+        level of the padded batch), or None.
     """
 
     pred_logits: Tensor
@@ -40,6 +49,9 @@ class MDETROutput:
     text_padding_mask: Tensor
     tokenized: object | None = None
     aux_outputs: list[MDETROutput] = field(default_factory=list)
+    qa: dict[str, Tensor] = field(default_factory=dict)
+    pred_isfinal: Tensor | None = None
+    pred_masks: Tensor | None = None
 
 
 class BackboneWithMask(nn.Module):
@@ -93,6 +105,13 @@ def freeze_backbone_levels(body: nn.Module, levels: int) -> None:
 
 
 class MDETR(nn.Module):
+    """The detector: backbone, text encoder, cross encoder, decoder and heads, with the official key names.
+
+    With ``config.qa_dataset`` set, learned QA queries (``qa_embed``) are appended after the object queries
+    and decoded jointly with them; the answer heads read the QA slots of the *first* decoder layer, as the
+    released GQA/CLEVR models were trained, and those slots are then dropped from every layer.
+    """
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         config.validate()
@@ -119,6 +138,12 @@ class MDETR(nn.Module):
         if config.contrastive_align:
             self.contrastive_align_projection_image = nn.Linear(d, config.contrastive_hdim)
             self.contrastive_align_projection_text = nn.Linear(d, config.contrastive_hdim)
+        self.isfinal_embed = nn.Linear(d, 1) if config.predict_final else None
+        self.answer_specs = answer_head_specs(config.qa_dataset, split_qa_heads=config.split_qa_heads)
+        self.qa_embed = nn.Embedding(len(self.answer_specs), d) if self.answer_specs else None
+        for spec in self.answer_specs:
+            # Attributes named like the official ones (``answer_type_head`` ...) so checkpoints load as is.
+            self.add_module(f"{spec.name}_head", build_answer_head(spec, hidden_dim=d))
 
     def train(self, mode: bool = True) -> MDETR:
         super().train(mode)
@@ -136,20 +161,49 @@ class MDETR(nn.Module):
         images: (B, 3, H, W) ImageNet-normalised, zero-padded; masks: (B, H, W) True on padding.
         text: B captions, or an :class:`EncodedText` computed once and reused (e.g. for many images).
         """
-        feat, mask, pos = self.backbone(images, masks)[self.config.backbone_level]
-        src = self.input_proj(feat).flatten(2).transpose(1, 2)  # (B, HW, D)
-        pos = pos.flatten(2).transpose(1, 2)
-        mask = mask.flatten(1)
+        return self.encode_with_features(images, masks, text)[0]
+
+    def encode_with_features(
+        self, images: Tensor, masks: Tensor, text: list[str] | EncodedText
+    ) -> tuple[MemoryCache, list[tuple[Tensor, Tensor, Tensor]], Tensor]:
+        """:meth:`encode`, also returning what the mask head needs.
+
+        Returns ``(cache, levels, src)``: ``levels`` holds per backbone level ``(features (B, C_i, H_i, W_i),
+        mask (B, H_i, W_i), pos (B, D, H_i, W_i))``; ``src`` (B, D, H_l, W_l) is the projected level that
+        feeds the transformer.
+        """
+        levels = self.backbone(images, masks)
+        feat, mask, pos = levels[self.config.backbone_level]
+        src = self.input_proj(feat)
         if not isinstance(text, EncodedText):
             if len(text) != images.shape[0]:
                 raise ValueError(f"got {images.shape[0]} images but {len(text)} captions")
             text = self.transformer.encode_text(list(text), images.device)
-        return self.transformer.encode(src, mask, pos, text)
+        cache = self.transformer.encode(
+            src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2), text
+        )  # image tokens (B, HW, D) in raster order
+        return cache, levels, src
 
-    def decode(self, cache: MemoryCache) -> MDETROutput:
-        hs = self.transformer.decode(cache, self.query_embed.weight)  # (L_dec, B, Q, D)
+    def decoder_states(self, cache: MemoryCache) -> Tensor:
+        """Every decoder layer's output (L_dec, B, Q + A, D): Q object queries, then A QA queries."""
+        queries = self.query_embed.weight
+        if self.qa_embed is not None:
+            queries = torch.cat([queries, self.qa_embed.weight], dim=0)
+        return self.transformer.decode(cache, queries)
+
+    def answer(self, qa_states: Tensor) -> dict[str, Tensor]:
+        """Answer logits from the QA query states (B, A, D), one head per query (see ``MDETROutput.qa``)."""
+        out = {}
+        for i, spec in enumerate(self.answer_specs):
+            logits = getattr(self, f"{spec.name}_head")(qa_states[:, i])
+            out[spec.name] = logits.squeeze(-1) if spec.squeeze else logits
+        return out
+
+    def detection_outputs(self, hs: Tensor, cache: MemoryCache) -> MDETROutput:
+        """Box, token-slot, is-final and alignment predictions from object-query states (L_dec, B, Q, D)."""
         logits = self.class_embed(hs)
         boxes = self.bbox_embed(hs).sigmoid()
+        isfinal = None if self.isfinal_embed is None else self.isfinal_embed(hs)  # (L_dec, B, Q, 1)
         proj_tokens = proj_queries = None
         if self.config.contrastive_align:
             proj_queries = F.normalize(self.contrastive_align_projection_image(hs), p=2, dim=-1)
@@ -163,11 +217,27 @@ class MDETR(nn.Module):
                 proj_tokens=proj_tokens,
                 text_padding_mask=cache.text_padding_mask,
                 tokenized=cache.tokenized,
+                pred_isfinal=None if isfinal is None else isfinal[i],
             )
 
         out = layer(-1)
         if self.config.aux_loss:
             out.aux_outputs = [layer(i) for i in range(hs.shape[0] - 1)]
+        return out
+
+    def decode(self, cache: MemoryCache) -> MDETROutput:
+        """Decoder and heads: predictions of the last layer (``aux_outputs``: the others) and, for a QA
+        model, ``qa`` answer logits."""
+        hs = self.decoder_states(cache)
+        qa: dict[str, Tensor] = {}
+        if self.qa_embed is not None:
+            num_queries = self.query_embed.num_embeddings
+            # The released QA models were trained with answers read from decoder layer 0, not the last one;
+            # reading another layer would not reproduce them.
+            qa = self.answer(hs[0, :, num_queries:])
+            hs = hs[:, :, :num_queries]
+        out = self.detection_outputs(hs, cache)
+        out.qa = qa
         return out
 
     def forward(self, images: Tensor, masks: Tensor, text: list[str] | EncodedText) -> MDETROutput:

@@ -24,6 +24,28 @@ def resolve_text_encoder(name: str) -> str:
     return name
 
 
+class TextEncoderNotFoundError(FileNotFoundError):
+    """The text encoder's files are neither in the given folder nor in the Hugging Face cache."""
+
+
+def missing_text_encoder_message(name: str, path: str, *, pretrained: bool, cause: BaseException) -> str:
+    """Which files a text encoder needs and where to put them (the hub is unreachable offline)."""
+    files = "config.json and the tokenizer files (tokenizer.json, or vocab.json + merges.txt for RoBERTa)"
+    if pretrained:
+        files += ", plus the weights (model.safetensors or pytorch_model.bin)"
+    where = (
+        f"the folder {path} lacks some of them" if Path(path).exists()
+        else f"{name!r} is not a local folder and is not in the Hugging Face cache"
+    )
+    return (
+        f"cannot load text encoder {name!r}: {where}. It needs {files}. Put them in a folder and pass it as "
+        f"model.text_encoder=FOLDER (mdetr convert: --text-encoder FOLDER; mdetr.load(..., "
+        f"text_encoder=FOLDER)), or, on a machine with network access, fill the cache once with "
+        f"`huggingface-cli download {name}`. Short names available offline: minilm. "
+        f"({cause.__class__.__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+    )
+
+
 def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module, object]:
     """Return ``(model, tokenizer)`` for a transformers encoder given by folder or hub id.
 
@@ -44,10 +66,9 @@ def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module
             model = AutoModel.from_pretrained(path)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(path))
-    except OSError as err:
-        local = Path(path).exists()
-        hint = "" if local else " (no network: give a local folder, or one of: minilm)"
-        raise RuntimeError(f"cannot load text encoder {name!r}{hint}: {err}") from err
+    except (OSError, ValueError) as err:
+        message = missing_text_encoder_message(name, path, pretrained=pretrained, cause=err)
+        raise TextEncoderNotFoundError(message) from err
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
