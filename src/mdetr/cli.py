@@ -107,33 +107,112 @@ def _expand_images(spec: list[str]) -> list[Path]:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdetr predict", description="Ground a sentence in images.")
+    parser = argparse.ArgumentParser(
+        prog="mdetr predict", description="Ground a sentence, or detect named classes, in images. Writes "
+        "predictions.json, results_coco.json (COCO results format) with results_coco_images.json (image file "
+        "names and category names with their ids) and one annotated PNG per image.")
     parser.add_argument("checkpoint", help="checkpoint folder")
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or globs")
-    parser.add_argument("--text", required=True, help="the sentence to ground")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="the sentence to ground")
+    what.add_argument("--classes", help='comma-separated class names to detect, e.g. "cat,dog"')
     parser.add_argument("--threshold", type=float, default=0.7, help="keep boxes with 1 - p(no object) above this")
     parser.add_argument("--top-k", type=int, help="keep at most this many boxes per image")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--output-dir", default="runs/predict")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="bfloat16 runs the model under bf16 autocast")
+    parser.add_argument("--token-map", action="store_true",
+                        help="also draw each box's probability over the caption's tokens (token_maps/*.png)")
     args = parser.parse_args(argv)
-    from mdetr.inference.predictor import Predictor, open_image
-    from mdetr.inference.visualize import draw_groundings
+    class_names = [n.strip() for n in args.classes.split(",") if n.strip()] if args.classes is not None else None
+    if class_names == []:
+        parser.error("--classes needs at least one class name")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    from mdetr.inference.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for path in _expand_images(args.image):
-        grounding = predictor.predict(path, args.text, threshold=args.threshold, top_k=args.top_k)
-        picture = out / f"{path.stem}.png"
-        draw_groundings(open_image(path), grounding, caption=args.text).save(picture)
-        records.append({"image": str(path), "text": args.text, "picture": str(picture),
-                        "detections": grounding.to_json()})
-        best = grounding.to_json()[:3]
-        print(f"{path}: {len(grounding.scores)} boxes " + "; ".join(f"{d['phrase']!r} {d['score']:.2f}" for d in best))
-    (out / "predictions.json").write_text(json.dumps(records, indent=2))
-    print(f"wrote {out / 'predictions.json'} and {len(records)} pictures in {out}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    writer = _PredictionWriter(Path(args.output_dir), predictor, text=args.text, class_names=class_names,
+                               token_map=args.token_map)
+    paths = _expand_images(args.image)
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            batch = paths[start: start + args.batch_size]
+            if class_names is not None:
+                groundings = predictor.detect_batch(batch, class_names, threshold=args.threshold, top_k=args.top_k)
+            else:
+                groundings = predictor.predict_batch(batch, [args.text] * len(batch), threshold=args.threshold,
+                                                     top_k=args.top_k)
+            for path, grounding in zip(batch, groundings):
+                writer.add(path, grounding)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    writer.close()
     return 0
+
+
+class _PredictionWriter:
+    """Writes ``mdetr predict`` outputs: pictures, token maps and the JSON files (on :meth:`close`)."""
+
+    def __init__(self, out: Path, predictor: object, *, text: str | None, class_names: list[str] | None,
+                 token_map: bool) -> None:
+        self.out, self.predictor, self.text, self.class_names, self.token_map = out, predictor, text, class_names, token_map
+        out.mkdir(parents=True, exist_ok=True)
+        if token_map:
+            (out / "token_maps").mkdir(exist_ok=True)
+        self.records: list[dict] = []
+        self.coco: list[dict] = []
+        self.images: list[dict] = []
+
+    def add(self, path: Path, grounding: object) -> None:
+        from mdetr.inference.predictor import open_image
+        from mdetr.inference.visualize import draw_groundings
+
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "file_name": str(path)})
+        picture = self.out / f"{path.stem}.png"
+        caption = self.text if self.text is not None else ", ".join(self.class_names)
+        draw_groundings(open_image(path), grounding, caption=caption).save(picture)
+        detections = grounding.to_json()
+        for k, detection in enumerate(detections):
+            x0, y0, x1, y1 = detection["box_xyxy"]
+            result = {"image_id": image_id, "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                      "score": detection["score"], "phrase": detection["phrase"]}
+            if "label" in detection:
+                result["category_id"] = detection["label"] + 1  # COCO category ids start at 1
+            self.coco.append(result)
+            if self.token_map:
+                detection["token_map"] = str(self._draw_token_map(path, grounding, k))
+        self.records.append({"image": str(path), "image_id": image_id, "text": caption, "picture": str(picture),
+                             "detections": detections})
+        best = "; ".join(f"{d['phrase']!r} {d['score']:.2f}" for d in detections[:3])
+        print(f"{path}: {len(detections)} boxes {best}")
+
+    def _draw_token_map(self, path: Path, grounding: object, k: int) -> Path:
+        from mdetr.inference.visualize import draw_token_map
+
+        caption = grounding.prompts[k] if grounding.prompts is not None else self.text
+        tokenizer = self.predictor.processor.tokenizer
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(caption)["input_ids"])
+        score = float(grounding.scores[k])
+        chart = draw_token_map(grounding.token_probs[k, : len(tokens)].tolist(), tokens, no_object=1 - score,
+                               title=f"{grounding.phrases[k]} {score:.2f}")
+        target = self.out / "token_maps" / f"{path.stem}_box{k}.png"
+        chart.save(target)
+        return target
+
+    def close(self) -> None:
+        (self.out / "predictions.json").write_text(json.dumps(self.records, indent=2))
+        (self.out / "results_coco.json").write_text(json.dumps(self.coco))
+        index: dict[str, list] = {"images": self.images}
+        if self.class_names is not None:
+            index["categories"] = [{"id": i + 1, "name": n} for i, n in enumerate(self.class_names)]
+        (self.out / "results_coco_images.json").write_text(json.dumps(index, indent=2))
+        print(f"wrote {self.out / 'predictions.json'}, {self.out / 'results_coco.json'} and "
+              f"{len(self.records)} pictures in {self.out}")
 
 
 def data_main(argv: list[str] | None = None) -> int:
@@ -222,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: mdetr {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train     train a model from a YAML preset\n"
               "  evaluate  precision@k and box AP of a checkpoint on an annotation file\n"
-              "  predict   ground a sentence in images (JSON + annotated PNGs)\n"
+              "  predict   ground a sentence or detect named classes in images (JSON + PNGs)\n"
               "  data      generate the shapes set, validate annotation files\n"
               "  demo      the whole loop on synthetic shapes in a few minutes\n"
               "  convert   turn an official MDETR .pth checkpoint into a checkpoint folder", file=sys.stderr)

@@ -57,8 +57,24 @@ class ModelConfig:
     predict_final: bool = False
     # PhraseCut segmentation: wrap the detector with the attention-map + small-FPN mask head.
     masks: bool = False
+    # Decoder: "detr" (the official one) or "smca" (spatially modulated co-attention, SMCA Section 3.3;
+    # see mdetr.models.smca). The smca_* fields only apply to "smca": scale is "fixed", "single" or
+    # "independent" (SMCA Table 2), multi_head gives each head its own centre offset and scales (Eq. 6),
+    # beta is the bandwidth of the Gaussian-like prior in feature cells squared (Eq. 4).
+    decoder: str = "detr"
+    smca_scale: str = "independent"
+    smca_multi_head: bool = True
+    smca_beta: float = 8.0
 
     def validate(self) -> None:
+        if self.decoder not in ("detr", "smca"):
+            raise ConfigError(f"model.decoder must be 'detr' or 'smca', got {self.decoder!r}")
+        if self.smca_scale not in ("fixed", "single", "independent"):
+            raise ConfigError(
+                f"model.smca_scale must be 'fixed', 'single' or 'independent', got {self.smca_scale!r}"
+            )
+        if self.smca_beta <= 0:
+            raise ConfigError(f"model.smca_beta must be positive, got {self.smca_beta}")
         if self.hidden_dim % self.nheads:
             raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.nheads ({self.nheads})")
         if not 0 <= self.backbone_level <= 3:

@@ -78,20 +78,39 @@ def token_char_spans(tokenized: object, batch_index: int, token_ids: list[int]) 
 @dataclass
 class Grounding:
     """Detections for one image and caption: ``boxes`` (K, 4) xyxy pixels, ``scores`` (K,), and per box the
-    character ``spans`` of the caption it refers to and the ``phrases`` they spell."""
+    character ``spans`` of the caption it refers to and the ``phrases`` they spell; ``token_probs`` (K, L)
+    is each box's probability over the caption's token positions (no-object slot removed).
+
+    For detection from class names, ``labels`` (K,) int64 holds each box's index into the class-name list
+    (its phrase is that name) and ``prompts`` the caption each box was predicted with (long class lists are
+    split over several captions); both are None otherwise.
+    """
 
     boxes: Tensor
     scores: Tensor
     phrases: list[str]
     spans: list[list[tuple[int, int]]]
     token_probs: Tensor
+    labels: Tensor | None = None
+    prompts: list[str] | None = None
 
     def to_json(self) -> list[dict]:
-        return [
+        records = [
             {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 4), "phrase": phrase,
              "spans": [list(s) for s in spans]}
             for box, score, phrase, spans in zip(self.boxes, self.scores, self.phrases, self.spans)
         ]
+        if self.labels is not None:
+            for record, label in zip(records, self.labels.tolist()):
+                record["label"] = label
+        return records
+
+
+def rank_detections(scores: Tensor, *, threshold: float, top_k: int | None = None) -> Tensor:
+    """Indices (K,) of the scores above ``threshold``, best first, at most ``top_k``."""
+    order = scores.argsort(descending=True, stable=True)
+    order = order[scores[order] > threshold]
+    return order if top_k is None else order[:top_k]
 
 
 def select_groundings(
@@ -100,13 +119,11 @@ def select_groundings(
 ) -> Grounding:
     """Keep boxes with score > threshold (best first, at most top_k) and name the caption text they ground.
 
-    A box's phrase is the caption text under the tokens to which it gives probability > token_threshold
-    (as in the official demo); when none passes, its most probable token is used.
+    ``result`` is one image's entry of :func:`post_process`. A box's phrase is the caption text under the
+    tokens to which it gives probability > token_threshold (as in the official demo); when none passes, its
+    most probable token is used.
     """
-    order = result["scores"].argsort(descending=True)
-    order = order[result["scores"][order] > threshold]
-    if top_k is not None:
-        order = order[:top_k]
+    order = rank_detections(result["scores"], threshold=threshold, top_k=top_k)
     phrases, spans = [], []
     for q in order.tolist():
         probs = result["token_probs"][q]

@@ -7,12 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from mdetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, resized_size
-from mdetr.inference.postprocess import Grounding, post_process, select_groundings
+from mdetr.inference.postprocess import Grounding
+from mdetr.inference.processor import (
+    ClassPrompt,
+    GroundingProcessor,
+    build_class_prompts,
+    post_process_grounded_detection,
+)
+from mdetr.models.mdetr import MDETROutput
+from mdetr.models.transformer import EncodedText
 
 ImageInput = Image.Image | str | Path | np.ndarray
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def open_image(image: ImageInput) -> Image.Image:
@@ -34,66 +43,131 @@ def open_image(image: ImageInput) -> Image.Image:
 
 
 class Predictor:
-    """Runs a trained MDETR on images and captions.
+    """Runs a trained MDETR on images and captions, or on images and a list of class names.
 
     Images are resized so their shorter side is ``image_size`` (long side at most ``max_size``; 0 keeps the
     size), normalised as in training, padded into a batch; boxes come back in the original pixels.
+    ``dtype="bfloat16"`` runs the forward pass under bf16 autocast; predictions are returned in float32.
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
-        self.image_size = image_size
-        self.max_size = max_size
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.processor = GroundingProcessor.for_model(model, image_size=image_size, max_size=max_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", weights: str = "model") -> Predictor:
+    def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", weights: str = "model",
+                        dtype: str = "float32") -> Predictor:
         from mdetr.builder import load
 
         model = load(path, weights=weights, device=device)
         data = model.train_config.data
-        return cls(model, image_size=data.val_size, max_size=data.max_size, device=device)
+        return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype)
 
-    def preprocess(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) normalised, zero-padded batch and its (B, H, W) padding mask (True on padding)."""
-        tensors = []
-        for image in images:
-            if self.image_size:
-                image = image.resize(resized_size(image.width, image.height, self.image_size, self.max_size),
-                                     Image.BILINEAR)
-            array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-            tensors.append((array - self._mean) / self._std)
-        height = max(t.shape[1] for t in tensors)
-        width = max(t.shape[2] for t in tensors)
-        batch = torch.zeros(len(tensors), 3, height, width)
-        mask = torch.ones(len(tensors), height, width, dtype=torch.bool)
-        for i, t in enumerate(tensors):
-            batch[i, :, : t.shape[1], : t.shape[2]] = t
-            mask[i, : t.shape[1], : t.shape[2]] = False
-        return batch, mask
+    @property
+    def image_size(self) -> int:
+        return self.processor.image_size
+
+    @property
+    def max_size(self) -> int:
+        return self.processor.max_size
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
+
+    def _forward(self, images: torch.Tensor, masks: torch.Tensor, text: list[str] | EncodedText) -> MDETROutput:
+        """The model on a (B, 3, H, W) batch and (B, H, W) mask; logits and boxes returned as float32."""
+        with self._autocast():
+            outputs = self.model(images.to(self.device), masks.to(self.device), text)
+        outputs.pred_logits = outputs.pred_logits.float()
+        outputs.pred_boxes = outputs.pred_boxes.float()
+        return outputs
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageInput], texts: Sequence[str], *, threshold: float = 0.7,
-                      top_k: int | None = None) -> list[Grounding]:
+                      top_k: int | None = None, text_threshold: float = 0.1) -> list[Grounding]:
+        """One :class:`Grounding` per (image, sentence) pair, run as one batch."""
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images but {len(texts)} texts")
-        for text in texts:
-            if not text or not text.strip():
-                raise ValueError("the text to ground is empty")
-        pil = [open_image(im) for im in images]
-        batch, mask = self.preprocess(pil)
-        outputs = self.model(batch.to(self.device), mask.to(self.device), list(texts))
-        sizes = torch.tensor([[im.height, im.width] for im in pil])
-        results = post_process(outputs, sizes)
-        return [
-            select_groundings({k: v.cpu() for k, v in r.items()}, text, outputs.tokenized, i,
-                              threshold=threshold, top_k=top_k)
-            for i, (r, text) in enumerate(zip(results, texts))
-        ]
+        inputs = self.processor([open_image(im) for im in images], list(texts))
+        outputs = self._forward(inputs["pixel_values"], inputs["pixel_mask"], inputs["captions"])
+        detections = post_process_grounded_detection(
+            outputs, target_sizes=inputs["target_sizes"], threshold=threshold, text_threshold=text_threshold,
+            top_k=top_k, captions=list(texts))
+        return [_grounding(d) for d in detections]
 
     def predict(self, image: ImageInput, text: str, *, threshold: float = 0.7, top_k: int | None = None) -> Grounding:
         """Boxes (xyxy pixels), scores and phrases for one image and one sentence."""
         return self.predict_batch([image], [text], threshold=threshold, top_k=top_k)[0]
+
+    def class_prompts(self, class_names: Sequence[str], *, max_tokens: int | None = None) -> list[ClassPrompt]:
+        """The captions :meth:`detect` runs for these names: "name1. name2. ...", split between whole names
+        to fit the text encoder (at most ``max_tokens`` tokens each when given)."""
+        limit = self.processor.max_tokens if max_tokens is None else min(max_tokens, self.processor.max_tokens)
+        return build_class_prompts(class_names, self.processor.tokenizer, max_tokens=limit)
+
+    @torch.no_grad()
+    def detect_batch(self, images: Sequence[ImageInput], class_names: Sequence[str], *, threshold: float = 0.7,
+                     top_k: int | None = None, text_threshold: float = 0.1,
+                     max_tokens: int | None = None) -> list[Grounding]:
+        """Detect the named classes in each image; ``labels`` index ``class_names``.
+
+        Each caption chunk of :meth:`class_prompts` is encoded once and run with every image; an image's
+        detections from all chunks are merged best first and cut to ``top_k``.
+        """
+        prompts = self.class_prompts(class_names, max_tokens=max_tokens)
+        pil = [open_image(im) for im in images]
+        batch, mask = self.processor.preprocess_images(pil)
+        sizes = torch.tensor([[im.height, im.width] for im in pil])
+        per_image: list[list[tuple[dict, str]]] = [[] for _ in pil]
+        for prompt in prompts:
+            with self._autocast():
+                text = self.model.transformer.encode_text([prompt.caption], self.device)
+            shared = EncodedText(text.features.expand(len(pil), -1, -1), text.padding_mask.expand(len(pil), -1),
+                                 text.tokenized)  # (B, L, D), (B, L): one caption for every image
+            outputs = self._forward(batch, mask, shared)
+            detections = post_process_grounded_detection(
+                outputs, target_sizes=sizes, threshold=threshold, text_threshold=text_threshold, top_k=top_k,
+                tokenized=text.tokenized, class_prompts=prompt)
+            for found, d in zip(per_image, detections):
+                found.append((d, prompt.caption))
+        return [merge_detections(found, top_k=top_k) for found in per_image]
+
+    def detect(self, image: ImageInput, class_names: Sequence[str], *, threshold: float = 0.7,
+               top_k: int | None = None, max_tokens: int | None = None) -> Grounding:
+        """Boxes of the named classes in one image: ``labels`` index ``class_names``, ``phrases`` are names."""
+        return self.detect_batch([image], class_names, threshold=threshold, top_k=top_k, max_tokens=max_tokens)[0]
+
+
+def _grounding(detections: dict, prompts: list[str] | None = None) -> Grounding:
+    """A :class:`Grounding` from one image's post-processed dict; ``prompts`` only for class-name detection."""
+    labels = detections["labels"]
+    return Grounding(detections["boxes"], detections["scores"], detections["phrases"], detections["spans"],
+                     detections["token_probs"], labels if prompts is not None else None, prompts)
+
+
+def merge_detections(chunks: Sequence[tuple[dict, str]], *, top_k: int | None = None) -> Grounding:
+    """One image's detections from several captions (``(detections, caption)`` pairs from
+    :func:`post_process_grounded_detection`) as one :class:`Grounding`: concatenated, best score first, at
+    most ``top_k``. ``token_probs`` rows are zero-padded to the longest caption."""
+    width = max(d["token_probs"].shape[1] for d, _ in chunks)
+    scores = torch.cat([d["scores"] for d, _ in chunks])
+    order = scores.argsort(descending=True, stable=True)
+    if top_k is not None:
+        order = order[:top_k]
+    merged = {
+        "scores": scores[order],
+        "boxes": torch.cat([d["boxes"] for d, _ in chunks])[order],
+        "labels": torch.cat([d["labels"] for d, _ in chunks])[order],
+        "token_probs": torch.cat([F.pad(d["token_probs"], (0, width - d["token_probs"].shape[1]))
+                                  for d, _ in chunks])[order],
+    }
+    for key in ("phrases", "spans"):
+        values = [v for d, _ in chunks for v in d[key]]
+        merged[key] = [values[i] for i in order.tolist()]
+    captions = [c for d, c in chunks for _ in range(len(d["scores"]))]
+    return _grounding(merged, [captions[i] for i in order.tolist()])

@@ -16,6 +16,7 @@ from mdetr.config import ModelConfig
 from mdetr.models.backbones import build_backbone_body
 from mdetr.models.heads import MLP, answer_head_specs, build_answer_head
 from mdetr.models.position import PositionEmbeddingSine
+from mdetr.models.smca import box_from_reference
 from mdetr.models.transformer import EncodedText, MemoryCache, Transformer
 
 
@@ -130,6 +131,10 @@ class MDETR(nn.Module):
             text_encoder=config.text_encoder,
             text_encoder_pretrained=config.text_encoder_pretrained,
             freeze_text_encoder=config.freeze_text_encoder,
+            decoder=config.decoder,
+            smca_scale=config.smca_scale,
+            smca_multi_head=config.smca_multi_head,
+            smca_beta=config.smca_beta,
         )
         self.input_proj = nn.Conv2d(body.channels[config.backbone_level], d, kernel_size=1)
         self.query_embed = nn.Embedding(config.num_queries, d)
@@ -180,7 +185,8 @@ class MDETR(nn.Module):
                 raise ValueError(f"got {images.shape[0]} images but {len(text)} captions")
             text = self.transformer.encode_text(list(text), images.device)
         cache = self.transformer.encode(
-            src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2), text
+            src.flatten(2).transpose(1, 2), mask.flatten(1), pos.flatten(2).transpose(1, 2), text,
+            image_shape=(src.shape[-2], src.shape[-1]),
         )  # image tokens (B, HW, D) in raster order
         return cache, levels, src
 
@@ -202,7 +208,12 @@ class MDETR(nn.Module):
     def detection_outputs(self, hs: Tensor, cache: MemoryCache) -> MDETROutput:
         """Box, token-slot, is-final and alignment predictions from object-query states (L_dec, B, Q, D)."""
         logits = self.class_embed(hs)
-        boxes = self.bbox_embed(hs).sigmoid()
+        if self.config.decoder == "smca":
+            # SMCA Eq. 12: centres relative to each query's reference centre (object queries only).
+            reference = self.transformer.decoder.reference_logits(self.query_embed.weight)  # (Q, 2)
+            boxes = box_from_reference(self.bbox_embed(hs), reference)
+        else:
+            boxes = self.bbox_embed(hs).sigmoid()
         isfinal = None if self.isfinal_embed is None else self.isfinal_embed(hs)  # (L_dec, B, Q, 1)
         proj_tokens = proj_queries = None
         if self.config.contrastive_align:

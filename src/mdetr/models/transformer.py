@@ -117,6 +117,8 @@ class MemoryCache:
     text_memory: (B, L, D) the encoder output at the text positions (used by contrastive alignment).
     text_padding_mask: (B, L) True on padding tokens.
     tokenized: the tokenizer's BatchEncoding for the captions (offsets, char_to_token), or None.
+    image_shape: (H, W) of the feature map whose raster-order tokens open the memory, or None when unknown
+        (the SMCA decoder needs it to place its spatial prior).
     """
 
     memory: Tensor
@@ -125,6 +127,7 @@ class MemoryCache:
     text_memory: Tensor
     text_padding_mask: Tensor
     tokenized: object | None
+    image_shape: tuple[int, int] | None = None
 
 
 @dataclass
@@ -137,7 +140,11 @@ class EncodedText:
 
 
 class Transformer(nn.Module):
-    """Text encoder + resizer + cross encoder + decoder."""
+    """Text encoder + resizer + cross encoder + decoder.
+
+    decoder: ``"detr"`` (the official decoder) or ``"smca"`` (spatially modulated co-attention, see
+    :mod:`mdetr.models.smca`, configured by ``smca_scale``, ``smca_multi_head`` and ``smca_beta``).
+    """
 
     def __init__(
         self,
@@ -151,18 +158,36 @@ class Transformer(nn.Module):
         text_encoder: str = "roberta-base",
         text_encoder_pretrained: bool = True,
         freeze_text_encoder: bool = False,
+        decoder: str = "detr",
+        smca_scale: str = "independent",
+        smca_multi_head: bool = True,
+        smca_beta: float = 8.0,
     ) -> None:
         super().__init__()
         enc_layer = EncoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
-        dec_layer = DecoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
         self.encoder = Encoder(enc_layer, num_encoder_layers)
-        self.decoder = Decoder(dec_layer, num_decoder_layers, d_model)
+        self.decoder_type = decoder
+        if decoder == "detr":
+            dec_layer = DecoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
+            self.decoder: nn.Module = Decoder(dec_layer, num_decoder_layers, d_model)
+        elif decoder == "smca":
+            from mdetr.models.smca import SMCADecoder, SMCADecoderLayer  # smca builds on this module
+
+            smca_layer = SMCADecoderLayer(
+                d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                scale=smca_scale, multi_head=smca_multi_head, beta=smca_beta,
+            )
+            self.decoder = SMCADecoder(smca_layer, num_decoder_layers, d_model)
+        else:
+            raise ValueError(f"decoder must be 'detr' or 'smca', got {decoder!r}")
         self.d_model = d_model
         self.nhead = nhead
         # Xavier init of the transformer proper, done before the text encoder exists so it is untouched.
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        if decoder == "smca":
+            self.decoder.reset_prior_parameters()
         self.text_encoder, self.tokenizer = build_text_encoder(text_encoder, pretrained=text_encoder_pretrained)
         if freeze_text_encoder:
             for p in self.text_encoder.parameters():
@@ -180,18 +205,28 @@ class Transformer(nn.Module):
         hidden = self.text_encoder(**inputs).last_hidden_state  # (B, L, H_text)
         return EncodedText(self.resizer(hidden), tokenized["attention_mask"].ne(1), tokenized)
 
-    def encode(self, src: Tensor, mask: Tensor, pos: Tensor, text: EncodedText) -> MemoryCache:
-        """Joint self-attention over image tokens (B, HW, D) and text tokens; text gets zero position."""
+    def encode(
+        self, src: Tensor, mask: Tensor, pos: Tensor, text: EncodedText, *, image_shape: tuple[int, int] | None = None
+    ) -> MemoryCache:
+        """Joint self-attention over image tokens (B, HW, D) and text tokens; text gets zero position.
+
+        image_shape: the (H, W) the image tokens were flattened from, kept in the cache for the decoder.
+        """
         memory = torch.cat([src, text.features], dim=1)
         padding_mask = torch.cat([mask, text.padding_mask], dim=1)
         pos = torch.cat([pos, torch.zeros_like(text.features)], dim=1)
         memory = self.encoder(memory, padding_mask=padding_mask, pos=pos)
         length = text.features.shape[1]
-        return MemoryCache(memory, padding_mask, pos, memory[:, -length:], text.padding_mask, text.tokenized)
+        return MemoryCache(
+            memory, padding_mask, pos, memory[:, -length:], text.padding_mask, text.tokenized, image_shape
+        )
 
     def decode(self, cache: MemoryCache, query_embed: Tensor) -> Tensor:
         """Object queries (Q, D) cross-attend to the joint memory; returns (L_dec, B, Q, D)."""
         batch = cache.memory.shape[0]
         query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        return self.decoder(tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos)
+        extra = {"image_shape": cache.image_shape} if self.decoder_type == "smca" else {}
+        return self.decoder(
+            tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos, **extra
+        )
