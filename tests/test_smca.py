@@ -1,6 +1,7 @@
 """Spatially modulated co-attention (SMCA Eq. 3-6, 12) and its use as the MDETR decoder."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -83,7 +84,7 @@ def _window_mass(beta: float) -> float:
 
 def test_attention_concentrates_near_reference_as_beta_shrinks():
     masses = [_window_mass(beta) for beta in (1000.0, 16.0, 4.0, 1.0, 0.25)]
-    assert all(a < b for a, b in zip(masses, masses[1:])), masses
+    assert all(a < b for a, b in zip(masses, masses[1:], strict=False)), masses
     assert masses[0] < 0.3 and masses[-1] > 0.99
 
 
@@ -97,12 +98,13 @@ def test_head_shared_equals_multi_head_with_zero_offsets_and_equal_scales(scale)
     missing, unexpected = multi.load_state_dict(common, strict=False)
     assert unexpected == [] and all(k.startswith("spatial_prior.") for k in missing)
     if scale != "fixed":
-        # multi-head scales: the shared layer's rows repeated for every head, so every head equals the shared map
+        # multi-head scales: the shared rows repeated for every head, so every head equals the shared map
         shared_scale = shared.spatial_prior.scale
         with torch.no_grad():
             multi.spatial_prior.scale.weight.copy_(shared_scale.weight.repeat(HEADS, 1))
             multi.spatial_prior.scale.bias.copy_(shared_scale.bias.repeat(HEADS))
-    assert torch.count_nonzero(multi.spatial_prior.head_offset.weight) == 0  # initialised at the shared centre
+    # initialised at the shared centre
+    assert torch.count_nonzero(multi.spatial_prior.head_offset.weight) == 0
     grid = (3, 4)
     tgt, query_pos = torch.randn(2, 5, D), torch.randn(2, 5, D)
     memory, pos = torch.randn(2, 12 + 3, D), torch.randn(2, 12 + 3, D)
@@ -121,7 +123,8 @@ def test_gradients_reach_centre_offset_and_scale_predictors():
     grid = (3, 4)
     memory, pos = torch.randn(2, 12 + 2, D), torch.randn(2, 12 + 2, D)
     query_pos = torch.randn(2, 5, D)
-    hs = decoder(torch.zeros_like(query_pos), memory, memory_padding_mask=torch.zeros(2, 14, dtype=torch.bool),
+    no_padding = torch.zeros(2, 14, dtype=torch.bool)
+    hs = decoder(torch.zeros_like(query_pos), memory, memory_padding_mask=no_padding,
                  pos=pos, query_pos=query_pos, image_shape=grid)
     assert hs.shape == (2, 2, 5, D)
     # Eq. 12 puts the reference logits into the box as well.
@@ -144,7 +147,8 @@ def test_box_centre_is_offset_from_reference_before_sigmoid():
 
 
 def test_padded_image_gets_zero_attention_and_matches_the_unpadded_one():
-    """An image padded from a 2 x 3 to a 3 x 5 grid decodes as the unpadded 2 x 3 one; padding gets no mass."""
+    """An image padded from a 2 x 3 to a 3 x 5 grid decodes as the unpadded 2 x 3 one; padding gets no
+    attention."""
     decoder = _decoder(scale="independent", multi_head=True).eval()
     torch.nn.init.normal_(decoder.layers[0].spatial_prior.head_offset.weight, std=0.3)
     torch.nn.init.normal_(decoder.layers[0].spatial_prior.scale.weight, std=0.3)
@@ -154,8 +158,8 @@ def test_padded_image_gets_zero_attention_and_matches_the_unpadded_one():
     pad[:2, :3] = False
     padded_mask = torch.cat([pad.flatten()[None], torch.zeros(1, 2, dtype=torch.bool)], dim=1)
     assert valid_feature_size(padded_mask, (3, 5)).tolist() == [[3.0, 2.0]]
-    padded = dict(memory=torch.cat([image.flatten(1, 2), text], 1), pos=torch.cat([image_pos.flatten(1, 2), text_pos], 1),
-                  memory_padding_mask=padded_mask)
+    padded = dict(memory=torch.cat([image.flatten(1, 2), text], 1),
+                  pos=torch.cat([image_pos.flatten(1, 2), text_pos], 1), memory_padding_mask=padded_mask)
     cropped = dict(memory=torch.cat([image[:, :2, :3].flatten(1, 2), text], 1),
                    pos=torch.cat([image_pos[:, :2, :3].flatten(1, 2), text_pos], 1),
                    memory_padding_mask=torch.zeros(1, 8, dtype=torch.bool))
@@ -166,8 +170,8 @@ def test_padded_image_gets_zero_attention_and_matches_the_unpadded_one():
         out_cropped = decoder(tgt, cropped.pop("memory"), query_pos=query_pos, image_shape=(2, 3), **cropped)
         layer = decoder.layers[0]
         reference = decoder.reference_logits(query_pos).sigmoid()
-        log_prior = layer.log_prior(query_pos, query_pos, reference=reference, valid_size=torch.tensor([[3.0, 2.0]]),
-                                    grid_shape=(3, 5), num_text=2)
+        log_prior = layer.log_prior(query_pos, query_pos, reference=reference,
+                                    valid_size=torch.tensor([[3.0, 2.0]]), grid_shape=(3, 5), num_text=2)
         memory = torch.cat([image.flatten(1, 2), text], 1)
         attention = layer.cross_attn_image(query_pos, memory, memory, key_padding_mask=padded_mask,
                                            log_prior=log_prior)[1]
@@ -185,11 +189,10 @@ def test_text_tokens_are_not_modulated():
     query, query_pos = torch.randn(2, 5, D), torch.randn(2, 5, D)
     image, text = torch.randn(2, 12, D), torch.randn(2, num_text, D)
     reference, valid = torch.rand(2, 5, 2), torch.tensor([[4.0, 3.0], [4.0, 3.0]])
+    prior = partial(layer.log_prior, query, query_pos, reference=reference, valid_size=valid, grid_shape=grid)
     with torch.no_grad():
-        joint_prior = layer.log_prior(query, query_pos, reference=reference, valid_size=valid, grid_shape=grid,
-                                      num_text=num_text)
-        image_prior = layer.log_prior(query, query_pos, reference=reference, valid_size=valid, grid_shape=grid,
-                                      num_text=0)
+        joint_prior = prior(num_text=num_text)
+        image_prior = prior(num_text=0)
         assert joint_prior.shape == (2, HEADS, 5, 12 + num_text)
         assert (joint_prior[..., 12:] == 0).all() and (joint_prior[..., :12] < 0).all()
         memory = torch.cat([image, text], 1)
@@ -203,15 +206,15 @@ def test_text_tokens_are_not_modulated():
     # G <= 1, so a sharper prior only moves mass towards the text, never away from it.
     layer.beta = 0.5
     with torch.no_grad():
-        sharp_prior = layer.log_prior(query, query_pos, reference=reference, valid_size=valid, grid_shape=grid,
-                                      num_text=num_text)
+        sharp_prior = prior(num_text=num_text)
         sharp = layer.cross_attn_image(query, memory, memory, log_prior=sharp_prior)[1]
     assert (sharp[..., 12:].sum(-1) >= joint[..., 12:].sum(-1) - 1e-6).all()
 
 
 def _tiny(text_encoder, **kw):
-    base = dict(backbone="resnet18", backbone_pretrained=False, text_encoder=text_encoder, hidden_dim=32, nheads=4,
-                enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=5, dropout=0.0, decoder="smca")
+    base = dict(backbone="resnet18", backbone_pretrained=False, text_encoder=text_encoder, hidden_dim=32,
+                nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=5, dropout=0.0,
+                decoder="smca")
     base.update(kw)
     return ModelConfig(**base)
 

@@ -126,26 +126,29 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-map", action="store_true",
                         help="also draw each box's probability over the caption's tokens (token_maps/*.png)")
     args = parser.parse_args(argv)
-    class_names = [n.strip() for n in args.classes.split(",") if n.strip()] if args.classes is not None else None
+    class_names = None
+    if args.classes is not None:
+        class_names = [n.strip() for n in args.classes.split(",") if n.strip()]
     if class_names == []:
         parser.error("--classes needs at least one class name")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     from mdetr.inference.predictor import Predictor
 
+    paths = _expand_images(args.image)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
     writer = _PredictionWriter(Path(args.output_dir), predictor, text=args.text, class_names=class_names,
                                token_map=args.token_map)
-    paths = _expand_images(args.image)
     try:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start: start + args.batch_size]
             if class_names is not None:
-                groundings = predictor.detect_batch(batch, class_names, threshold=args.threshold, top_k=args.top_k)
+                groundings = predictor.detect_batch(batch, class_names, threshold=args.threshold,
+                                                    top_k=args.top_k)
             else:
-                groundings = predictor.predict_batch(batch, [args.text] * len(batch), threshold=args.threshold,
-                                                     top_k=args.top_k)
-            for path, grounding in zip(batch, groundings):
+                groundings = predictor.predict_batch(batch, [args.text] * len(batch),
+                                                     threshold=args.threshold, top_k=args.top_k)
+            for path, grounding in zip(batch, groundings, strict=True):
                 writer.add(path, grounding)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -159,7 +162,8 @@ class _PredictionWriter:
 
     def __init__(self, out: Path, predictor: object, *, text: str | None, class_names: list[str] | None,
                  token_map: bool) -> None:
-        self.out, self.predictor, self.text, self.class_names, self.token_map = out, predictor, text, class_names, token_map
+        self.out, self.predictor, self.token_map = out, predictor, token_map
+        self.text, self.class_names = text, class_names
         out.mkdir(parents=True, exist_ok=True)
         if token_map:
             (out / "token_maps").mkdir(exist_ok=True)
@@ -179,15 +183,16 @@ class _PredictionWriter:
         detections = grounding.to_json()
         for k, detection in enumerate(detections):
             x0, y0, x1, y1 = detection["box_xyxy"]
-            result = {"image_id": image_id, "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
-                      "score": detection["score"], "phrase": detection["phrase"]}
+            bbox = [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]  # COCO: x, y, w, h
+            result = {"image_id": image_id, "bbox": bbox, "score": detection["score"],
+                      "phrase": detection["phrase"]}
             if "label" in detection:
                 result["category_id"] = detection["label"] + 1  # COCO category ids start at 1
             self.coco.append(result)
             if self.token_map:
                 detection["token_map"] = str(self._draw_token_map(path, grounding, k))
-        self.records.append({"image": str(path), "image_id": image_id, "text": caption, "picture": str(picture),
-                             "detections": detections})
+        self.records.append({"image": str(path), "image_id": image_id, "text": caption,
+                             "picture": str(picture), "detections": detections})
         best = "; ".join(f"{d['phrase']!r} {d['score']:.2f}" for d in detections[:3])
         print(f"{path}: {len(detections)} boxes {best}")
 

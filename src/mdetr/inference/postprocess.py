@@ -24,7 +24,7 @@ def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, T
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
     boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
     results = [
-        {"scores": s, "boxes": b, "token_probs": p[:, :-1]} for s, b, p in zip(scores, boxes, prob)
+        {"scores": s, "boxes": b, "token_probs": p[:, :-1]} for s, b, p in zip(scores, boxes, prob, strict=True)
     ]
     if outputs.pred_isfinal is not None:
         # CLEVR-Ref+: a box counts for the referring expression only if it is also in the final set.
@@ -98,10 +98,10 @@ class Grounding:
         records = [
             {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 4), "phrase": phrase,
              "spans": [list(s) for s in spans]}
-            for box, score, phrase, spans in zip(self.boxes, self.scores, self.phrases, self.spans)
+            for box, score, phrase, spans in zip(self.boxes, self.scores, self.phrases, self.spans, strict=True)
         ]
         if self.labels is not None:
-            for record, label in zip(records, self.labels.tolist()):
+            for record, label in zip(records, self.labels.tolist(), strict=True):
                 record["label"] = label
         return records
 
@@ -131,4 +131,5 @@ def select_groundings(
         box_spans = token_char_spans(tokenized, batch_index, tokens)
         spans.append(box_spans)
         phrases.append(" ".join(caption[s:e] for s, e in box_spans))
-    return Grounding(result["boxes"][order], result["scores"][order], phrases, spans, result["token_probs"][order])
+    return Grounding(result["boxes"][order], result["scores"][order], phrases, spans,
+                     result["token_probs"][order])

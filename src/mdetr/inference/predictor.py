@@ -79,7 +79,8 @@ class Predictor:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
 
-    def _forward(self, images: torch.Tensor, masks: torch.Tensor, text: list[str] | EncodedText) -> MDETROutput:
+    def _forward(self, images: torch.Tensor, masks: torch.Tensor,
+                 text: list[str] | EncodedText) -> MDETROutput:
         """The model on a (B, 3, H, W) batch and (B, H, W) mask; logits and boxes returned as float32."""
         with self._autocast():
             outputs = self.model(images.to(self.device), masks.to(self.device), text)
@@ -100,19 +101,23 @@ class Predictor:
             top_k=top_k, captions=list(texts))
         return [_grounding(d) for d in detections]
 
-    def predict(self, image: ImageInput, text: str, *, threshold: float = 0.7, top_k: int | None = None) -> Grounding:
+    def predict(self, image: ImageInput, text: str, *, threshold: float = 0.7,
+                top_k: int | None = None) -> Grounding:
         """Boxes (xyxy pixels), scores and phrases for one image and one sentence."""
         return self.predict_batch([image], [text], threshold=threshold, top_k=top_k)[0]
 
-    def class_prompts(self, class_names: Sequence[str], *, max_tokens: int | None = None) -> list[ClassPrompt]:
+    def class_prompts(self, class_names: Sequence[str], *,
+                      max_tokens: int | None = None) -> list[ClassPrompt]:
         """The captions :meth:`detect` runs for these names: "name1. name2. ...", split between whole names
         to fit the text encoder (at most ``max_tokens`` tokens each when given)."""
-        limit = self.processor.max_tokens if max_tokens is None else min(max_tokens, self.processor.max_tokens)
+        limit = self.processor.max_tokens
+        if max_tokens is not None:
+            limit = min(max_tokens, limit)
         return build_class_prompts(class_names, self.processor.tokenizer, max_tokens=limit)
 
     @torch.no_grad()
-    def detect_batch(self, images: Sequence[ImageInput], class_names: Sequence[str], *, threshold: float = 0.7,
-                     top_k: int | None = None, text_threshold: float = 0.1,
+    def detect_batch(self, images: Sequence[ImageInput], class_names: Sequence[str], *,
+                     threshold: float = 0.7, top_k: int | None = None, text_threshold: float = 0.1,
                      max_tokens: int | None = None) -> list[Grounding]:
         """Detect the named classes in each image; ``labels`` index ``class_names``.
 
@@ -127,24 +132,27 @@ class Predictor:
         for prompt in prompts:
             with self._autocast():
                 text = self.model.transformer.encode_text([prompt.caption], self.device)
-            shared = EncodedText(text.features.expand(len(pil), -1, -1), text.padding_mask.expand(len(pil), -1),
-                                 text.tokenized)  # (B, L, D), (B, L): one caption for every image
+            # (B, L, D) features and (B, L) mask: one caption for every image
+            shared = EncodedText(text.features.expand(len(pil), -1, -1),
+                                 text.padding_mask.expand(len(pil), -1), text.tokenized)
             outputs = self._forward(batch, mask, shared)
             detections = post_process_grounded_detection(
                 outputs, target_sizes=sizes, threshold=threshold, text_threshold=text_threshold, top_k=top_k,
                 tokenized=text.tokenized, class_prompts=prompt)
-            for found, d in zip(per_image, detections):
+            for found, d in zip(per_image, detections, strict=True):
                 found.append((d, prompt.caption))
         return [merge_detections(found, top_k=top_k) for found in per_image]
 
     def detect(self, image: ImageInput, class_names: Sequence[str], *, threshold: float = 0.7,
                top_k: int | None = None, max_tokens: int | None = None) -> Grounding:
-        """Boxes of the named classes in one image: ``labels`` index ``class_names``, ``phrases`` are names."""
-        return self.detect_batch([image], class_names, threshold=threshold, top_k=top_k, max_tokens=max_tokens)[0]
+        """Boxes of the named classes in one image: ``labels`` index ``class_names``, ``phrases`` are the
+        names."""
+        return self.detect_batch([image], class_names, threshold=threshold, top_k=top_k,
+                                 max_tokens=max_tokens)[0]
 
 
 def _grounding(detections: dict, prompts: list[str] | None = None) -> Grounding:
-    """A :class:`Grounding` from one image's post-processed dict; ``prompts`` only for class-name detection."""
+    """A :class:`Grounding` from one image's post-processed dict; ``prompts`` for class-name detection."""
     labels = detections["labels"]
     return Grounding(detections["boxes"], detections["scores"], detections["phrases"], detections["spans"],
                      detections["token_probs"], labels if prompts is not None else None, prompts)

@@ -114,13 +114,15 @@ class GroundingProcessor:
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     @classmethod
-    def for_model(cls, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333) -> GroundingProcessor:
+    def for_model(cls, model: torch.nn.Module, *, image_size: int = 800,
+                  max_size: int = 1333) -> GroundingProcessor:
         """A processor with the model's tokenizer and token limit (255, or the text encoder's positions)."""
         limit = min(DEFAULT_MAX_TOKENS, text_encoder_max_tokens(model.transformer.text_encoder.config))
         return cls(model.tokenizer, image_size=image_size, max_size=max_size, max_tokens=limit)
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
-        """(B, 3, H, W) float32 normalised, zero-padded batch and its (B, H, W) bool mask (True on padding)."""
+        """(B, 3, H, W) float32 normalised, zero-padded batch and its (B, H, W) bool mask (True on
+        padding)."""
         tensors = []
         for image in images:
             if self.image_size:
@@ -145,7 +147,7 @@ class GroundingProcessor:
                 raise ValueError("the text to ground is empty")
         tokenized = self.tokenizer(list(captions), padding="longest", return_tensors="pt")
         lengths = tokenized["attention_mask"].sum(-1).tolist()
-        for caption, length in zip(captions, lengths):
+        for caption, length in zip(captions, lengths, strict=True):
             if length > self.max_tokens:
                 raise ValueError(f"the text {caption[:40]!r}... has {length} tokens; the model reads at most "
                                  f"{self.max_tokens}")
@@ -229,9 +231,11 @@ def label_detections(detections: dict[str, object], prompt: ClassPrompt, tokeniz
                      batch_index: int) -> None:
     """Set ``labels``, ``phrases`` and ``spans`` of one image's detections from the class names: each box
     goes to the name whose tokens hold most of its token probability (``token_probs`` (K, L))."""
+    token_probs = detections["token_probs"]  # (K, S-1): the model's token slots, often more than L
     positive = prompt.positive_map(tokenized, batch_index)  # (N, L)
-    token_probs = detections["token_probs"]
-    mass = token_probs.float() @ positive[:, : token_probs.shape[1]].T  # (K, N)
+    width = token_probs.shape[1]
+    positive = torch.nn.functional.pad(positive, (0, max(0, width - positive.shape[1])))[:, :width]
+    mass = token_probs.float() @ positive.T  # (K, N)
     local = mass.argmax(-1) if len(token_probs) else torch.zeros(0, dtype=torch.int64)
     detections["labels"] = local + prompt.label_offset
     detections["phrases"] = [prompt.names[j] for j in local.tolist()]

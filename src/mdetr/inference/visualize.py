@@ -25,7 +25,7 @@ def draw_groundings(image: Image.Image, grounding: Grounding, *, caption: str | 
     draw = ImageDraw.Draw(canvas)
     colours: dict[str, tuple[int, int, int]] = {}
     width = max(2, round(min(image.size) / 150))
-    for box, score, phrase in zip(grounding.boxes.tolist(), grounding.scores.tolist(), grounding.phrases):
+    for box, score, phrase in zip(grounding.boxes.tolist(), grounding.scores.tolist(), grounding.phrases, strict=True):
         colour = colours.setdefault(phrase, _PALETTE[len(colours) % len(_PALETTE)])
         draw.rectangle(box, outline=colour, width=width)
         label = f"{phrase} {score:.2f}"
@@ -67,7 +67,7 @@ def draw_token_map(token_probs: Sequence[float], tokens: Sequence[str], *, no_ob
     draw.line([(30, top), (30, base), (width - 4, base)], fill=(0, 0, 0))
     for value, y in ((1.0, top), (0.5, top + height // 2), (0.0, base)):
         draw.text((2, y - 5), f"{value:.1f}", fill=(0, 0, 0), font=font)
-    for i, (p, label, colour) in enumerate(zip(probs, labels, colours)):
+    for i, (p, label, colour) in enumerate(zip(probs, labels, colours, strict=True)):
         x0 = 32 + i * bar_width
         bar = round(min(max(p, 0.0), 1.0) * height)
         if bar:

@@ -60,7 +60,9 @@ def feature_grid(height: int, width: int, *, device: torch.device | None = None)
     return torch.stack([xs.flatten(), ys.flatten()], dim=-1)
 
 
-def gaussian_log_weight(centers: Tensor, scales: Tensor, *, grid_shape: tuple[int, int], beta: float) -> Tensor:
+def gaussian_log_weight(
+    centers: Tensor, scales: Tensor, *, grid_shape: tuple[int, int], beta: float
+) -> Tensor:
     """``log G`` of SMCA Eq. 4 over an (H, W) grid.
 
     centers: (..., 2) as (c_w, c_h) in cell units; scales: (..., 2) as (s_w, s_h), broadcastable to centers.
@@ -249,7 +251,8 @@ class SMCADecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
         num_text = memory.shape[1] - grid_shape[0] * grid_shape[1]
         log_prior = self.log_prior(
-            tgt, query_pos, reference=reference, valid_size=valid_size, grid_shape=grid_shape, num_text=num_text
+            tgt, query_pos, reference=reference, valid_size=valid_size, grid_shape=grid_shape,
+            num_text=num_text,
         )
         attended = self.cross_attn_image(
             _with_pos(tgt, query_pos), _with_pos(memory, pos), memory,
@@ -287,7 +290,7 @@ class SMCADecoder(nn.Module):
         self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor,
         image_shape: tuple[int, int] | None,
     ) -> Tensor:
-        """As :meth:`transformer.Decoder.forward`; image_shape is the (H, W) of the image part of the memory."""
+        """As :meth:`transformer.Decoder.forward`; image_shape: (H, W) of the image part of the memory."""
         if image_shape is None:
             raise ValueError("the SMCA decoder needs the feature-map size: MemoryCache.image_shape is None")
         reference = self.reference_logits(query_pos).sigmoid()  # (B, Q, 2)

@@ -168,7 +168,9 @@ class Transformer(nn.Module):
         self.encoder = Encoder(enc_layer, num_encoder_layers)
         self.decoder_type = decoder
         if decoder == "detr":
-            dec_layer = DecoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
+            dec_layer = DecoderLayer(
+                d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout
+            )
             self.decoder: nn.Module = Decoder(dec_layer, num_decoder_layers, d_model)
         elif decoder == "smca":
             from mdetr.models.smca import SMCADecoder, SMCADecoderLayer  # smca builds on this module
@@ -206,7 +208,13 @@ class Transformer(nn.Module):
         return EncodedText(self.resizer(hidden), tokenized["attention_mask"].ne(1), tokenized)
 
     def encode(
-        self, src: Tensor, mask: Tensor, pos: Tensor, text: EncodedText, *, image_shape: tuple[int, int] | None = None
+        self,
+        src: Tensor,
+        mask: Tensor,
+        pos: Tensor,
+        text: EncodedText,
+        *,
+        image_shape: tuple[int, int] | None = None,
     ) -> MemoryCache:
         """Joint self-attention over image tokens (B, HW, D) and text tokens; text gets zero position.
 
@@ -228,5 +236,6 @@ class Transformer(nn.Module):
         tgt = torch.zeros_like(query_pos)
         extra = {"image_shape": cache.image_shape} if self.decoder_type == "smca" else {}
         return self.decoder(
-            tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos, **extra
+            tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos,
+            **extra,
         )
