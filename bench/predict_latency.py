@@ -1,0 +1,206 @@
+"""Benchmark: mdetr_lite predictor latency and throughput on the CPU, PyTorch float32 vs bf16 autocast vs
+onnxruntime.
+
+    python bench/predict_latency.py --threads 2 --output runs/predict_latency.json
+
+Every timed call is a whole prediction: resizing and normalising the images, tokenizing the sentence, the
+forward pass and post-processing to pixel boxes, scores and phrases. For each backend, short side and batch
+size the script runs ``--warmup`` untimed calls, then ``--runs`` timed ones, and reports the median and 90th
+percentile latency per call and the throughput (batch / median latency). The ONNX model is exported once
+(dynamic image size and text length) unless ``--onnx`` names an exported file; its largest absolute
+difference from PyTorch float32 on the benchmark batch is recorded beside its timings.
+
+The default model is ``mdetr_lite`` with its pretrained parts and an untrained transformer: latency does not
+depend on the weights. ``--checkpoint`` times a trained model instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mdetr.builder import build_model, load
+from mdetr.inference.export import OnnxGroundingModel, export_onnx
+from mdetr.inference.predictor import Predictor, open_image
+from mdetr.inference.processor import GroundingProcessor, post_process_grounded_detection
+from mdetr.registry import get_arch_config
+
+CAPTION = "the small red circle left of the blue square"
+BACKENDS = ("float32", "bfloat16", "onnx")
+
+PredictFn = Callable[[list[Image.Image], list[str]], list]
+
+
+def scene(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A deterministic RGB test picture: a colour gradient with a few filled rectangles."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width - 40), rng.integers(0, height - 40)
+        array[y0: y0 + rng.integers(20, 120), x0: x0 + rng.integers(20, 120)] = rng.integers(0, 256, 3)
+    return Image.fromarray(array.astype(np.uint8), "RGB")
+
+
+def build_benchmark_model(checkpoint: str | None) -> torch.nn.Module:
+    if checkpoint is not None:
+        return load(checkpoint)
+    return build_model(get_arch_config("mdetr_lite")).eval()
+
+
+def torch_predictor(model: torch.nn.Module, size: int, dtype: str, threshold: float) -> PredictFn:
+    predictor = Predictor(model, image_size=size, max_size=2 * size, dtype=dtype)
+    return lambda images, texts: predictor.predict_batch(images, texts, threshold=threshold)
+
+
+def onnx_predictor(onnx_model: OnnxGroundingModel, processor: GroundingProcessor,
+                   threshold: float) -> PredictFn:
+    """The same steps as :meth:`Predictor.predict_batch` with onnxruntime running the model."""
+
+    def predict(images: list[Image.Image], texts: list[str]) -> list:
+        inputs = processor([open_image(im) for im in images], texts)
+        outputs = onnx_model(inputs["pixel_values"], inputs["pixel_mask"], inputs["tokenized"])
+        return post_process_grounded_detection(outputs, target_sizes=inputs["target_sizes"],
+                                               threshold=threshold, captions=texts)
+
+    return predict
+
+
+def time_calls(predict: PredictFn, images: list[Image.Image], texts: list[str], *, warmup: int,
+               runs: int) -> list[float]:
+    """Wall-clock seconds of ``runs`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        predict(images, texts)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(images, texts)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: list[float], batch: int) -> dict[str, float]:
+    median = statistics.median(times)
+    return {"median_ms": median * 1e3, "p90_ms": float(np.percentile(times, 90)) * 1e3,
+            "mean_ms": statistics.fmean(times) * 1e3, "images_per_s": batch / median, "runs": len(times)}
+
+
+@torch.no_grad()
+def onnx_agreement(model: torch.nn.Module, onnx_model: OnnxGroundingModel, processor: GroundingProcessor,
+                   image: Image.Image) -> dict[str, float]:
+    """Largest absolute difference of logits and boxes between onnxruntime and PyTorch float32."""
+    inputs = processor([image], [CAPTION])
+    expected = model(inputs["pixel_values"], inputs["pixel_mask"], [CAPTION])
+    actual = onnx_model(inputs["pixel_values"], inputs["pixel_mask"], inputs["tokenized"])
+    return {name: float((getattr(actual, name) - getattr(expected, name)).abs().max())
+            for name in ("pred_logits", "pred_boxes")}
+
+
+def machine() -> dict[str, object]:
+    import onnxruntime
+
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| backend | short side (px) | batch | median (ms) | p90 (ms) | images/s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['short_side']} | {r['batch']} | {r['median_ms']:.1f} | "
+                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint",
+                        help="checkpoint folder or bundled model (default: untrained mdetr_lite)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="short sides to time")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--runs", type=int, default=30, help="timed calls per setting")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and onnxruntime")
+    parser.add_argument("--image-size", default="640x480", help="source picture WIDTHxHEIGHT before resizing")
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--onnx", help="an exported model to time (default: export the model first)")
+    parser.add_argument("--output", default="runs/predict_latency.json", help="JSON file to write")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or min(args.sizes) < 32:
+        parser.error("--runs and --batch-sizes must be at least 1, --warmup at least 0, --sizes at least 32")
+    try:
+        args.width, args.height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        parser.error(f"--image-size must look like 640x480, got {args.image_size!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = build_benchmark_model(args.checkpoint)
+    image = scene(args.width, args.height)
+    onnx_model, export_s, workdir = None, None, None
+    if "onnx" in args.backends:
+        path = args.onnx
+        if path is None:
+            workdir = tempfile.TemporaryDirectory()
+            path = str(Path(workdir.name) / "mdetr.onnx")
+            start = time.perf_counter()
+            export_onnx(model, path)
+            export_s = time.perf_counter() - start
+            print(f"exported {path} in {export_s:.0f} s", file=sys.stderr)
+        onnx_model = OnnxGroundingModel(path, threads=args.threads)
+    rows, agreement = [], {}
+    for size in args.sizes:
+        if onnx_model is not None:
+            processor = onnx_model.processor(image_size=size, max_size=2 * size)
+            agreement[size] = onnx_agreement(model, onnx_model, processor, image)
+        for backend in args.backends:
+            if backend == "onnx":
+                predict = onnx_predictor(onnx_model, processor, args.threshold)
+            else:
+                predict = torch_predictor(model, size, backend, args.threshold)
+            for batch in args.batch_sizes:
+                times = time_calls(predict, [image] * batch, [CAPTION] * batch, warmup=args.warmup,
+                                   runs=args.runs)
+                row = {"backend": backend, "short_side": size, "batch": batch, **summarise(times, batch)}
+                rows.append(row)
+                print(f"{backend:>8} {size:4d}px batch {batch}: median {row['median_ms']:.1f} ms, "
+                      f"p90 {row['p90_ms']:.1f} ms, {row['images_per_s']:.2f} images/s", file=sys.stderr)
+    if workdir is not None:
+        workdir.cleanup()
+    report = {
+        "machine": machine(), "threads": args.threads, "model": args.checkpoint or "mdetr_lite (untrained)",
+        "source_image": [args.width, args.height], "caption": CAPTION, "warmup": args.warmup,
+        "onnx_export_s": export_s, "onnx_max_abs_diff": agreement, "results": rows,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(markdown_table(rows))
+    print(f"wrote {out}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
