@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     curve = [{"epoch": r["epoch"], "minutes": round(r["minutes"], 2), "P@1": r["P@1"]} for r in log if r["type"] == "eval"]
     best = out / "train" / "best"
     report = {
-        "command": "python bench/train_shapes.py " + " ".join(argv if argv is not None else []),
+        "command": "python bench/train_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "torch": torch.__version__},
         "train_wall_minutes": round(wall, 2),

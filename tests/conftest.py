@@ -82,3 +82,16 @@ def roberta_like(tmp_path_factory):
 def distilroberta_like(tmp_path_factory):
     """Stands in for distilroberta-base (offline): 6 layers as the real one, width 32."""
     return make_tiny_roberta(tmp_path_factory.mktemp("distilroberta-like"), num_layers=6, hidden=32, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shapes_dir, tmp_path_factory):
+    """A tiny mdetr_lite trained for one epoch on the tiny shapes set through ``mdetr train`` (its folder)."""
+    from mdetr.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-checkpoint")
+    config = out / "tiny.yaml"
+    config.write_text("model:\n  arch: mdetr_lite\n")
+    overrides = _tiny_overrides(shapes_dir, out / "run", "train.epochs=1")
+    assert main(["train", "--config", str(config), "--no-progress", *overrides]) == 0
+    return out / "run" / "last"

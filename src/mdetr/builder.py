@@ -8,7 +8,15 @@ from pathlib import Path
 from torch import nn
 
 from mdetr.config import Config, ConfigError, LossConfig, ModelConfig
-from mdetr.engine.checkpoint import EMA_FILE, MODEL_FILE, TEXT_ENCODER_DIR, load_weights, read_checkpoint_doc
+from mdetr.engine.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    PACK_FORMAT,
+    TEXT_ENCODER_DIR,
+    load_pack,
+    load_weights,
+    read_checkpoint_doc,
+)
 from mdetr.losses.criterion import SetCriterion, build_criterion, weight_dict
 from mdetr.models.mdetr import MDETR
 from mdetr.models.segmentation import MDETRSegmentation
@@ -52,7 +60,8 @@ def load(
 ) -> nn.Module:
     """Build a model and load its weights, from either checkpoint format.
 
-    path: a checkpoint folder written by ``mdetr train`` or ``mdetr convert``; or an official MDETR
+    path: a checkpoint folder written by ``mdetr train``, ``mdetr convert`` or ``mdetr pack``; the name of a
+        model bundled with the package (``"mdetr_lite_shapes"``); or an official MDETR
         ``.pth`` file, which needs ``arch`` (its torch.hub name, e.g. ``"mdetr_resnet101_refcoco"``).
     weights: "model", or "ema" for the moving-average weights when the run kept them.
     text_encoder: a local folder with the text encoder's config and tokenizer files, replacing the one the
@@ -61,6 +70,10 @@ def load(
     if weights not in ("model", "ema"):
         raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
     path = Path(path)
+    if not path.exists() and arch is None:
+        from mdetr.bundled import bundled_model_path
+
+        path = bundled_model_path(str(path)) or path
     if not path.is_dir() and (path.is_file() or arch is not None or path.suffix in (".pth", ".pt")):
         if arch is None:
             raise ConfigError(f"{path} is a file: an official MDETR checkpoint needs arch=<hub name> "
@@ -71,17 +84,24 @@ def load(
     if arch is not None:
         raise ConfigError(f"arch={arch!r} applies to official .pth files; {path} is a checkpoint folder "
                           "whose config names its architecture")
-    config = load_config_from_checkpoint(path)
-    # The checkpoint holds every weight, so nothing pretrained needs to be read first.
-    model_config = dataclasses.replace(config.model, backbone_pretrained=False, text_encoder_pretrained=False)
+    doc = read_checkpoint_doc(path)
+    config = Config.from_dict(doc["config"], source=f"{path}/state.json")
+    packed = doc["format"] == PACK_FORMAT
+    if packed and weights != "model":
+        raise ConfigError(f"{path} is a packed inference checkpoint: it holds one set of weights, not '{weights}'")
+    # A full checkpoint holds every weight, so nothing pretrained needs to be read first; a pack stores only
+    # what training changed and takes the rest from the pretrained parts.
+    model_config = dataclasses.replace(config.model, backbone_pretrained=packed, text_encoder_pretrained=packed)
     bundled = path / TEXT_ENCODER_DIR
     if text_encoder is not None:
         model_config.text_encoder = text_encoder
     elif bundled.is_dir():
         model_config.text_encoder = str(bundled)
     model = build_model(model_config)
-    file = path / (MODEL_FILE if weights == "model" else EMA_FILE)
-    load_weights(model, file)
+    if packed:
+        load_pack(model, path, doc)
+    else:
+        load_weights(model, path / (MODEL_FILE if weights == "model" else EMA_FILE))
     model.config = config.model
     model.train_config = config
     return model.to(device).eval()

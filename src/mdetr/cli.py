@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,8 +15,11 @@ from mdetr.config import ConfigError
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mdetr.data.errors import DataError
     from mdetr.engine.checkpoint import CheckpointError
+    from mdetr.engine.distributed import DistributedSetupError
+    from mdetr.engine.faults import NonFiniteLossError
 
-    return (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, DistributedSetupError,
+            FileNotFoundError, FileExistsError)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -25,6 +29,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="continue from a checkpoint folder (e.g. runs/x/last)")
     parser.add_argument("--device", help="shorthand for train.device=...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--task", choices=["grounding", "detection"],
+                        help="grounding (MDETR on captions, the default) or detection (the SMCA/DETR object "
+                             "detector on COCO-format categories); replaces the preset's task")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="override preset values")
     args = parser.parse_args(argv)
     from mdetr.config import load_config
@@ -35,17 +42,20 @@ def train_main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.device:
         overrides.append(f"train.device={args.device}")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, task=args.task)
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    print(f"done: {result.epochs_done} epochs, {result.steps} steps; best {result.best_metric:.4f}; "
-          f"checkpoints in {result.output_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's)
+        print(f"done: {result.epochs_done} epochs, {result.steps} steps; best {result.best_metric:.4f}; "
+              f"checkpoints in {result.output_dir}")
     return 0
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mdetr evaluate", description="Evaluate a checkpoint on an annotation file.")
     parser.add_argument("checkpoint", help="checkpoint folder written by mdetr train")
-    parser.add_argument("--ann", required=True, help="MDETR-format annotation JSON")
+    parser.add_argument("--ann", required=True, nargs="+",
+                        help="MDETR-format annotation JSON (an LVIS v1 file for --task lvis; several "
+                             "finetune_*_{split}.json files for --task refexp)")
     parser.add_argument("--images", required=True, help="image folder")
     parser.add_argument("--refexp-datasets", default="", help="comma-separated dataset_name values for precision@k")
     parser.add_argument("--overlap", choices=["giou", "iou"], default="giou",
@@ -54,7 +64,24 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", help="write the metrics as JSON here")
+    parser.add_argument("--task", choices=["grounding", "detection", "flickr", "refexp", "lvis"],
+                        help="detection: COCO AP with categories (--ann is a COCO detection file); flickr, "
+                             "refexp, lvis: the paper's benchmark and table (docs/TASKS.md); default: the "
+                             "checkpoint's task")
+    _add_benchmark_arguments(parser)
     args = parser.parse_args(argv)
+    if args.task in ("flickr", "refexp", "lvis"):
+        return _evaluate_benchmark(args)
+    if len(args.ann) > 1:
+        parser.error("several --ann files are only read by --task refexp")
+    args.ann = args.ann[0]
+    from mdetr.engine.detection import checkpoint_task
+
+    task = checkpoint_task(args.checkpoint)
+    if args.task is not None and args.task != task:
+        raise ConfigError(f"{args.checkpoint} was trained for {task}, not {args.task}")
+    if task == "detection":
+        return _evaluate_detection(args)
     from torch.utils.data import DataLoader
 
     from mdetr.builder import load
@@ -72,6 +99,55 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
     metrics = evaluate(model, loader, evaluators, device=args.device, progress=True)
     print(format_metrics(metrics))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("benchmarks (--task flickr / refexp / lvis)")
+    group.add_argument("--flickr-root", help="original Flickr30k Entities folder ({split}.txt, Annotations/, "
+                       "Sentences/): the official ground truth; without it, the --ann file's boxes are used")
+    group.add_argument("--split", help="Flickr split (default: from the file name, e.g. final_flickr_"
+                       "separateGT_val.json)")
+    group.add_argument("--protocol", choices=["any", "merged"], default="any",
+                       help="Flickr ground truth: ANY-BOX (every box of the entity) or MERGED-BOXES")
+    group.add_argument("--chunk-size", type=int, default=32, help="LVIS class names encoded and run together")
+    group.add_argument("--topk", type=int, default=10000, help="LVIS AP fixed: detections kept per category")
+    group.add_argument("--max-images", type=int, default=0, help="LVIS: evaluate only the first N images")
+
+
+def _evaluate_benchmark(args: argparse.Namespace) -> int:
+    from mdetr.builder import load
+    from mdetr.engine.detection import checkpoint_task
+    from mdetr.eval.tasks import BenchmarkOptions, format_table, run_benchmark
+
+    if checkpoint_task(args.checkpoint) != "grounding":
+        raise ConfigError(f"{args.checkpoint} is a detection checkpoint; --task {args.task} needs an MDETR "
+                          "grounding model")
+    model = load(args.checkpoint, weights=args.weights, device=args.device)
+    options = BenchmarkOptions(
+        batch_size=args.batch_size, device=args.device, progress=True, flickr_root=args.flickr_root,
+        split=args.split, protocol=args.protocol, overlap=args.overlap,
+        refexp_datasets=[n for n in args.refexp_datasets.split(",") if n], chunk_size=args.chunk_size,
+        topk=args.topk, max_images=args.max_images)
+    try:
+        metrics = run_benchmark(args.task, model, args.ann, args.images, options)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(metrics))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _evaluate_detection(args: argparse.Namespace) -> int:
+    from mdetr.engine.detection import evaluate_checkpoint, format_detection_metrics
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.ann, args.images, weights=args.weights,
+                                  batch_size=args.batch_size, device=args.device, progress=True)
+    print(format_detection_metrics(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
     return 0
@@ -113,10 +189,11 @@ def predict_main(argv: list[str] | None = None) -> int:
         "names and category names with their ids) and one annotated PNG per image.")
     parser.add_argument("checkpoint", help="checkpoint folder")
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or globs")
-    what = parser.add_mutually_exclusive_group(required=True)
+    what = parser.add_mutually_exclusive_group()  # one is required, except for a detection checkpoint
     what.add_argument("--text", help="the sentence to ground")
     what.add_argument("--classes", help='comma-separated class names to detect, e.g. "cat,dog"')
-    parser.add_argument("--threshold", type=float, default=0.7, help="keep boxes with 1 - p(no object) above this")
+    parser.add_argument("--threshold", type=float, help="keep boxes with 1 - p(no object) above this (default "
+                        "0.7); for a detection checkpoint, category probability above this (default 0.3)")
     parser.add_argument("--top-k", type=int, help="keep at most this many boxes per image")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--output-dir", default="runs/predict")
@@ -126,6 +203,16 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-map", action="store_true",
                         help="also draw each box's probability over the caption's tokens (token_maps/*.png)")
     args = parser.parse_args(argv)
+    from mdetr.engine.detection import checkpoint_task
+
+    if checkpoint_task(args.checkpoint) == "detection":
+        if args.text is not None or args.classes is not None:
+            parser.error("a detection checkpoint predicts its own categories: drop --text / --classes")
+        return _predict_detection(args)
+    if args.text is None and args.classes is None:
+        parser.error("one of the arguments --text --classes is required")
+    if args.threshold is None:
+        args.threshold = 0.7
     class_names = None
     if args.classes is not None:
         class_names = [n.strip() for n in args.classes.split(",") if n.strip()]
@@ -154,6 +241,20 @@ def predict_main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     writer.close()
+    return 0
+
+
+def _predict_detection(args: argparse.Namespace) -> int:
+    from mdetr.engine.detection import predict_images
+
+    out = Path(args.output_dir)
+    records = predict_images(args.checkpoint, _expand_images(args.image), out,
+                             threshold=0.3 if args.threshold is None else args.threshold, top_k=args.top_k,
+                             batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    for record in records:
+        best = "; ".join(f"{d['phrase']} {d['score']:.2f}" for d in record["detections"][:3])
+        print(f"{record['image']}: {len(record['detections'])} boxes {best}")
+    print(f"wrote {out / 'predictions.json'}, {out / 'results_coco.json'} and {len(records)} pictures in {out}")
     return 0
 
 
@@ -230,16 +331,27 @@ def data_main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--num-val", type=int, default=300)
     shapes.add_argument("--num-val-unseen", type=int, default=300)
     shapes.add_argument("--image-size", type=int, default=256)
+    shapes.add_argument("--detection", choices=["shape", "shape_color"],
+                        help="also write COCO detection files {split}_detection_{scheme}.json whose categories "
+                             "are the shapes or the (colour, shape) pairs")
     validate = sub.add_parser("validate", help="list every problem in an MDETR-format annotation file")
     validate.add_argument("ann_file")
     validate.add_argument("--images", help="image folder (checks that every image opens and has its size)")
     validate.add_argument("--text-encoder", default="minilm", help="tokenizer used to check spans and lengths")
+    _add_task_data_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command in ("combine", "flickr", "refexp", "lvis"):
+        return _task_data(args)
     if args.command == "shapes":
         from mdetr.data.shapes import generate_shapes
 
         files = generate_shapes(args.output_dir, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                                 num_val_unseen=args.num_val_unseen, image_size=args.image_size, progress=True)
+        if args.detection:
+            from mdetr.data.shapes import export_detection
+
+            files.update({f"{split} detection": path
+                          for split, path in export_detection(args.output_dir, scheme=args.detection).items()})
         for split, path in files.items():
             print(f"{split}: {path}")
         return 0
@@ -256,16 +368,122 @@ def data_main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
+def _add_task_data_parsers(sub: argparse._SubParsersAction) -> None:
+    """``mdetr data combine / flickr / refexp / lvis``: build MDETR-format files from the published ones."""
+    combine = sub.add_parser("combine", help="merge captions per image into pre-training sentences (graph "
+                             "colouring), leaving out every image of the evaluation files")
+    combine.add_argument("output", help="the combined MDETR-format JSON to write")
+    combine.add_argument("--input", nargs="+", required=True, metavar="FILE[=SOURCE]",
+                         help="MDETR files whose captions are merged; =SOURCE sets data_source (coco, vg...)")
+    combine.add_argument("--keep", nargs="*", default=[], metavar="FILE[=SOURCE]",
+                         help="MDETR files copied unmerged (Flickr30k in MDETR's pre-training)")
+    combine.add_argument("--exclude", nargs="*", default=[], metavar="FILE[=SOURCE]",
+                         help="val/test files (MDETR, COCO or LVIS JSON) whose images are left out")
+    combine.add_argument("--max-chars", type=int, default=250, help="merged sentences stay shorter than this")
+    combine.add_argument("--conflict-iou", type=float, default=0.5,
+                         help="captions with boxes overlapping by more than this IoU conflict")
+    combine.add_argument("--prefix-sources", action="store_true",
+                         help="write file_name as SOURCE/file_name (one image root with a folder per source)")
+    flickr = sub.add_parser("flickr", help="Flickr30k Entities (Annotations/*.xml, Sentences/*.txt) to the "
+                            "MDETR format")
+    flickr.add_argument("root", help="the Flickr30k Entities folder ({split}.txt, Annotations/, Sentences/)")
+    flickr.add_argument("output")
+    flickr.add_argument("--split", choices=["train", "val", "test"], required=True)
+    flickr.add_argument("--merged", action="store_true", help="one enclosing box per entity (mergedGT)")
+    refexp = sub.add_parser("refexp", help="RefCOCO/RefCOCO+/RefCOCOg (refs pickle, instances.json) to the "
+                            "MDETR format")
+    refexp.add_argument("root", help="the refer data folder ({dataset}/refs(*).p, {dataset}/instances.json)")
+    refexp.add_argument("output")
+    refexp.add_argument("--dataset", choices=["refcoco", "refcoco+", "refcocog"], required=True)
+    refexp.add_argument("--split", required=True, help="train/val/testA/testB (RefCOCOg: train/val/test)")
+    refexp.add_argument("--instances", help="COCO instances file instead of {dataset}/instances.json")
+    refexp.add_argument("--refs-file", help="e.g. 'refs(google).p' instead of the UNC / UMD partition")
+    lvis = sub.add_parser("lvis", help="LVIS v1 to MDETR format (positive and negative class-name queries)")
+    lvis.add_argument("lvis_json", help="lvis_v1_train.json, lvis_v1_val.json or lvis_v1_minival.json")
+    lvis.add_argument("output")
+    lvis.add_argument("--subset", type=int, choices=[1, 10, 100], default=100, help="percent of the images "
+                      "(balanced so every category keeps positive and negative examples)")
+    lvis.add_argument("--seed", type=int, default=42)
+
+
+def _file_spec(value: str) -> str | tuple[str, str]:
+    path, sep, source = value.rpartition("=")
+    return (path, source) if sep and path and "/" not in source else value
+
+
+def _task_data(args: argparse.Namespace) -> int:
+    if args.command == "combine":
+        from mdetr.data.combine import combine
+
+        report = combine([_file_spec(v) for v in args.input], args.output,
+                         keep=[_file_spec(v) for v in args.keep],
+                         exclude=[_file_spec(v) for v in args.exclude], max_chars=args.max_chars,
+                         conflict_iou=args.conflict_iou, prefix_sources=args.prefix_sources)
+        print(f"{report}; wrote {args.output}")
+        return 0
+    if args.command == "flickr":
+        from mdetr.data.flickr import flickr_to_mdetr
+
+        data = flickr_to_mdetr(args.root, args.split, merge_boxes=args.merged)
+    elif args.command == "refexp":
+        from mdetr.data.refcoco import refer_to_mdetr
+
+        try:
+            data = refer_to_mdetr(args.root, args.dataset, args.split, instances=args.instances,
+                                  refs_file=args.refs_file)
+        except ValueError as err:
+            if type(err) is not ValueError:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        from mdetr.data.lvis import lvis_subset_to_modulated
+
+        data = lvis_subset_to_modulated(args.lvis_json, args.subset, seed=args.seed)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(data))
+    print(f"wrote {len(data['images'])} entries and {len(data['annotations'])} boxes to {args.output}")
+    return 0
+
+
 def demo_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdetr demo", description="Generate shapes, train mdetr_lite briefly, "
-                                     "and ground held-out expressions.")
+    parser = argparse.ArgumentParser(prog="mdetr demo", description="Ground sentences in the bundled example "
+                                     "scenes with the bundled model (or with one trained first, --train).")
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time budget")
-    parser.add_argument("--num-examples", type=int, default=6)
+    parser.add_argument("--model", default="mdetr_lite_shapes", help="bundled model name or checkpoint folder")
+    parser.add_argument("--train", type=float, default=None, metavar="MINUTES",
+                        help="first generate shapes and train mdetr_lite for this many minutes")
     args = parser.parse_args(argv)
     from mdetr.demo import run_demo
 
-    run_demo(Path(args.output_dir), minutes=args.minutes, num_examples=args.num_examples)
+    run_demo(Path(args.output_dir), model=args.model, train_minutes=args.train)
+    return 0
+
+
+def pack_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdetr pack", description="Write a small inference checkpoint: only the weights training changed "
+        "(the pretrained backbone and text encoder are rebuilt from their packages on load).")
+    parser.add_argument("checkpoint", help="checkpoint folder written by mdetr train")
+    parser.add_argument("output", help="folder to write")
+    parser.add_argument("--weights", choices=["model", "ema"], default="model")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--card", help="JSON file of facts for the model card (command, seed, scores)")
+    args = parser.parse_args(argv)
+    import dataclasses
+
+    import torch
+
+    from mdetr.builder import build_model, load
+    from mdetr.engine.checkpoint import save_pack
+
+    model = load(args.checkpoint, weights=args.weights)
+    base = build_model(dataclasses.replace(model.config, backbone_pretrained=True, text_encoder_pretrained=True))
+    card = json.loads(Path(args.card).read_text()) if args.card else None
+    summary = save_pack(args.output, model=model, base=base, config=model.train_config.to_dict(),
+                        dtype=getattr(torch, args.dtype), card=card)
+    print(f"wrote {args.output}: {summary['kept']} tensors ({summary['bytes'] / 2**20:.1f} MiB, {args.dtype}); "
+          f"{summary['omitted']} taken from the pretrained parts on load")
     return 0
 
 
@@ -296,8 +514,95 @@ def convert_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def serve_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdetr serve", description="Serve a checkpoint over HTTP: POST /v1/ground (multipart image + text "
+        "or classes, JSON detections out), GET /health, and a demo page at /. Needs the serve extra.")
+    parser.add_argument("checkpoint", help="checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--threshold", type=float, default=0.5, help="score cut when a request gives none")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body, in MiB")
+    parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width x height")
+    parser.add_argument("--max-text-chars", type=int, default=1000, help="longest text or class list")
+    parser.add_argument("--worker-threads", "--workers-threads", dest="worker_threads", type=int, default=2,
+                        help="threads that decode images and run the model (one forward pass at a time)")
+    args = parser.parse_args(argv)
+    try:
+        from mdetr.serve import ServeLimits, create_app, run_server
+    except ImportError as err:
+        print(f'error: mdetr serve needs the serve extra (pip install "mdetr[serve]"): {err}', file=sys.stderr)
+        return 2
+    from mdetr.inference.predictor import Predictor
+
+    try:
+        limits = ServeLimits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                             max_text_chars=args.max_text_chars, threshold=args.threshold)
+        if args.worker_threads < 1:
+            raise ValueError(f"--worker-threads must be at least 1, got {args.worker_threads}")
+    except ValueError as err:
+        parser.error(str(err))
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    run_server(create_app(predictor, limits, threads=args.worker_threads), host=args.host, port=args.port)
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mdetr export", description="Export a checkpoint to one ONNX file (text encoder included; "
+        "dynamic batch, image size and text length), then check it against PyTorch with onnxruntime. Needs "
+        "the onnx extra.")
+    parser.add_argument("checkpoint",
+                        help="checkpoint folder, bundled model name, or official .pth with --arch")
+    parser.add_argument("--format", default="onnx", help="export format (onnx)")
+    parser.add_argument("--output", required=True, help="file to write, e.g. model.onnx")
+    parser.add_argument("--weights", choices=["model", "ema"], default="model")
+    parser.add_argument("--arch", help="torch.hub name of an official .pth checkpoint")
+    parser.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="largest absolute difference from PyTorch the check accepts")
+    parser.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    args = parser.parse_args(argv)
+    if args.format != "onnx":
+        parser.error(f"--format {args.format!r} is not supported; the only export format is onnx")
+    try:
+        from mdetr.inference.export import (
+            OnnxGroundingModel,
+            compare_with_pytorch,
+            example_inputs,
+            export_onnx,
+            require_onnx,
+        )
+
+        require_onnx()
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from mdetr.builder import load
+
+    model = load(args.checkpoint, weights=args.weights, arch=args.arch)
+    names = export_onnx(model, args.output, opset=args.opset)
+    size_mib = Path(args.output).stat().st_size / 2**20
+    print(f"wrote {args.output} ({size_mib:.1f} MiB; outputs {', '.join(names)})")
+    if args.no_check:
+        return 0
+    # Another image size, batch size and text length than the export traced, so dynamic axes are tested.
+    inputs = example_inputs(model, image_size=(200, 136), captions=["a small green triangle"])
+    check = compare_with_pytorch(model, OnnxGroundingModel(args.output), inputs)
+    diffs = ", ".join(f"{name} {value:.1e}" for name, value in check.max_abs_diff.items())
+    shapes = ", ".join(f"{name} {tuple(shape)}" for name, shape in check.input_shapes.items())
+    print(f"onnxruntime vs PyTorch on {shapes}: largest absolute difference {diffs}")
+    if check.worst() > args.atol:
+        print(f"error: the exported model differs from PyTorch by more than {args.atol:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"train": train_main, "evaluate": evaluate_main, "predict": predict_main, "data": data_main,
-            "demo": demo_main, "convert": convert_main}
+            "demo": demo_main, "convert": convert_main, "serve": serve_main, "pack": pack_main,
+            "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,11 +610,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: mdetr {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train     train a model from a YAML preset\n"
-              "  evaluate  precision@k and box AP of a checkpoint on an annotation file\n"
+              "  evaluate  precision@k and box AP; --task flickr|refexp|lvis prints the paper's tables\n"
               "  predict   ground a sentence or detect named classes in images (JSON + PNGs)\n"
-              "  data      generate the shapes set, validate annotation files\n"
+              "  data      generate the shapes set, validate annotation files, convert Flickr30k / RefCOCO / "
+              "LVIS, combine pre-training captions\n"
               "  demo      the whole loop on synthetic shapes in a few minutes\n"
-              "  convert   turn an official MDETR .pth checkpoint into a checkpoint folder", file=sys.stderr)
+              "  convert   turn an official MDETR .pth checkpoint into a checkpoint folder\n"
+              "  serve     an HTTP API and a demo page for a checkpoint\n"
+              "  export    write a checkpoint as an ONNX model (dynamic image size and text length)",
+              file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])

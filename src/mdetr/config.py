@@ -65,16 +65,39 @@ class ModelConfig:
     smca_scale: str = "independent"
     smca_multi_head: bool = True
     smca_beta: float = 8.0
+    # "learned": reference centres from the query embeddings alone (SMCA Eq. 3); "grid": the same plus a
+    # learned per-query offset that starts each query on a regular grid over the image.
+    smca_reference: str = "learned"
+    # SMCA multi-scale encoding (SMCA Section 3.3; detection model only): features at strides 16, 32, 64
+    # pass the blocks of smca_encoder, written as in the paper ("2intra-multi-2intra": two intra-scale
+    # blocks with weights shared across scales, one block over all scales together, two intra-scale
+    # blocks); the decoder then weights the scales per query (scale-selection attention, Eq. 7-9).
+    # enc_layers must equal the number of blocks.
+    smca_multiscale: bool = False
+    smca_encoder: str = "2intra-multi-2intra"
+    # Detection model (task: detection): one sigmoid logit per category id 0..num_classes-1 (COCO: 91);
+    # 0 takes the largest category id of the training annotations plus one. class_names[i] names category
+    # id i ("" for unused ids); filled from the training annotations, so predictions can be named.
+    num_classes: int = 0
+    class_names: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.decoder not in ("detr", "smca"):
             raise ConfigError(f"model.decoder must be 'detr' or 'smca', got {self.decoder!r}")
+        self._validate_multiscale()
         if self.smca_scale not in ("fixed", "single", "independent"):
             raise ConfigError(
                 f"model.smca_scale must be 'fixed', 'single' or 'independent', got {self.smca_scale!r}"
             )
+        if self.smca_reference not in ("learned", "grid"):
+            raise ConfigError(f"model.smca_reference must be 'learned' or 'grid', got {self.smca_reference!r}")
         if self.smca_beta <= 0:
             raise ConfigError(f"model.smca_beta must be positive, got {self.smca_beta}")
+        if self.num_classes < 0:
+            raise ConfigError(f"model.num_classes must be 0 (from the data) or positive, got {self.num_classes}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise ConfigError(f"model.class_names has {len(self.class_names)} names but model.num_classes is "
+                              f"{self.num_classes}; give one name per category id 0..num_classes-1")
         if self.hidden_dim % self.nheads:
             raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.nheads ({self.nheads})")
         if not 0 <= self.backbone_level <= 3:
@@ -103,6 +126,37 @@ class ModelConfig:
                 f"multiple of 8, got hidden_dim={self.hidden_dim}, nheads={self.nheads}"
             )
 
+    def _validate_multiscale(self) -> None:
+        blocks = encoder_layout_blocks(self.smca_encoder)  # raises on a malformed layout
+        if not self.smca_multiscale:
+            return
+        if self.decoder != "smca":
+            raise ConfigError("model.smca_multiscale=true needs model.decoder=smca (scale-selection attention "
+                              "is part of the SMCA decoder)")
+        if self.enc_layers != len(blocks):
+            raise ConfigError(f"model.smca_encoder={self.smca_encoder!r} has {len(blocks)} blocks but "
+                              f"model.enc_layers is {self.enc_layers}; set model.enc_layers={len(blocks)}")
+        if self.dilation:
+            raise ConfigError("model.smca_multiscale=true needs the stride-32 backbone level: set "
+                              "model.dilation=false")
+
+
+def encoder_layout_blocks(spec: str) -> list[str]:
+    """The blocks of a multi-scale encoder layout in the SMCA paper's notation, in order.
+
+    ``"2intra-multi-2intra"`` -> ``["intra", "intra", "multi", "intra", "intra"]``; ``"5intra"``,
+    ``"3multi"``. Case and spaces do not matter.
+    """
+    blocks: list[str] = []
+    for part in spec.lower().replace(" ", "").split("-"):
+        count, kind = part.rstrip("abcdefghijklmnopqrstuvwxyz"), part.lstrip("0123456789")
+        if kind not in ("intra", "multi") or (count and not count.isdigit()) or count == "0" or \
+                len(count) + len(kind) != len(part):
+            raise ConfigError(f"model.smca_encoder must be blocks like '2intra-multi-2intra' (a count, then "
+                              f"'intra' or 'multi', joined by '-'), got {spec!r}")
+        blocks += [kind] * (int(count) if count else 1)
+    return blocks
+
 
 @dataclass
 class LossConfig:
@@ -120,8 +174,15 @@ class LossConfig:
     # "multi_hot": the official code's target (1 on every positive token, after its collate binarises the
     # map); "uniform": the paper's description (uniform distribution over the span's tokens).
     soft_token_target: str = "multi_hot"
+    # Detection (task: detection): sigmoid focal loss of the class logits (SMCA Section 4.1, alpha 0.25,
+    # gamma 2). load_config lays a detection config's loss keys onto DETECTION_LOSS_DEFAULTS.
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
 
     def validate(self) -> None:
+        if not 0 <= self.focal_alpha <= 1 or self.focal_gamma < 0:
+            raise ConfigError(f"loss.focal_alpha must be in [0, 1] and loss.focal_gamma non-negative, got "
+                              f"{self.focal_alpha} and {self.focal_gamma}")
         if self.soft_token_target not in ("multi_hot", "uniform"):
             raise ConfigError(
                 f"loss.soft_token_target must be 'multi_hot' or 'uniform', got {self.soft_token_target!r}"
@@ -148,6 +209,10 @@ class DataConfig:
     val_size: int = 800
     batch_size: int = 2
     num_workers: int = 0
+    # Page-locked host memory for batches, so copies to the GPU overlap compute (used on CUDA devices only).
+    pin_memory: bool = True
+    # Keep the loader's worker processes alive across epochs (needs num_workers > 0).
+    persistent_workers: bool = False
     # Pad training batches up to a multiple of this (1: to the batch maximum, as the official code). A
     # multiple of 32 leaves few distinct shapes, so CPU kernels compiled for a shape are reused.
     size_divisibility: int = 1
@@ -164,6 +229,9 @@ class DataConfig:
             raise ConfigError(f"data.on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if self.batch_size < 1:
             raise ConfigError("data.batch_size must be at least 1")
+        if self.persistent_workers and self.num_workers < 1:
+            raise ConfigError("data.persistent_workers=true needs worker processes: set "
+                              "data.num_workers >= 1")
 
 
 @dataclass
@@ -176,9 +244,16 @@ class TrainConfig:
     lr_text_encoder: float = 5e-5
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
-    # Mixed precision for the forward pass: "none", or "bf16" autocast (on CPUs with bf16 matrix units it is
-    # several times faster per matmul); weights, optimizer state and the losses stay float32.
+    # Mixed precision for the forward pass: "none", "bf16" autocast (on CPUs with bf16 matrix units it is
+    # several times faster per matmul), or "fp16" autocast with a dynamic loss scale (torch.amp.GradScaler;
+    # for GPUs without bf16); weights, optimizer state and the losses stay float32.
     amp: str = "none"
+    # Gradient accumulation: micro-batches of data.batch_size per optimizer step (per process). The losses
+    # are normalised by the boxes of all of them together, so a step equals one on the whole batch.
+    accumulate_steps: int = 1
+    # torch.compile the tensor-only parts (backbone, text encoder, encoder, decoder), in place: checkpoint
+    # keys are unchanged. The first steps pay the compilation.
+    compile: bool = False
     # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
     # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for all.
     schedule: str = "linear_with_warmup"
@@ -198,6 +273,9 @@ class TrainConfig:
     threads: int = 0
     # Allow a new run to replace the checkpoints of an earlier run in the same output_dir.
     overwrite: bool = False
+    # A batch whose loss or gradient is NaN or infinite is skipped (no optimizer update) and counted in
+    # the log; this many such batches in a row stop the run with an error naming the last batch's images.
+    max_nonfinite_in_a_row: int = 5
 
     def validate(self) -> None:
         if self.schedule not in ("step", "linear_with_warmup", "all_linear_with_warmup"):
@@ -206,22 +284,42 @@ class TrainConfig:
             )
         if self.epochs < 1:
             raise ConfigError("train.epochs must be at least 1")
-        if self.amp not in ("none", "bf16"):
-            raise ConfigError(f"train.amp must be 'none' or 'bf16', got {self.amp!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ConfigError(f"train.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.accumulate_steps < 1:
+            raise ConfigError(f"train.accumulate_steps must be at least 1, got {self.accumulate_steps}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("train.warmup_fraction must be in [0, 1)")
         if not 0 < self.ema_decay < 1:
             raise ConfigError("train.ema_decay must be in (0, 1)")
+        if self.max_nonfinite_in_a_row < 1:
+            raise ConfigError("train.max_nonfinite_in_a_row must be at least 1")
+
+
+# The SMCA paper's matching costs and loss coefficients (class 2, L1 5, GIoU 2; Section 4.1).
+DETECTION_LOSS_DEFAULTS: dict[str, float] = {
+    "cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.0, "ce_coef": 2.0, "bbox_coef": 5.0, "giou_coef": 2.0,
+}
+TASKS = ("grounding", "detection")
 
 
 @dataclass
 class Config:
+    """A whole run. ``task``: "grounding" trains MDETR on captions; "detection" trains the SMCA/DETR object
+    detector on COCO-format categories (see :mod:`mdetr.models.detector`)."""
+
+    task: str = "grounding"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be 'grounding' or 'detection', got {self.task!r}")
+        if self.task == "grounding" and self.model.smca_multiscale:
+            raise ConfigError("model.smca_multiscale=true is available for the detection model only "
+                              "(task: detection)")
         for part in (self.model, self.loss, self.data, self.train):
             part.validate()
         return self
@@ -300,11 +398,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML preset (sections model/loss/data/train), apply overrides, expand the model preset.
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, task: str | None = None
+) -> Config:
+    """Read a YAML preset (sections model/loss/data/train and an optional ``task``), apply overrides,
+    expand the model preset.
 
     ``model.arch`` names an architecture in :mod:`mdetr.registry`; its settings are the base onto which
-    the file's other ``model`` keys are laid.
+    the file's other ``model`` keys are laid. ``task`` (e.g. from ``--task``) replaces the file's; for
+    ``detection`` the file's ``loss`` keys are laid onto :data:`DETECTION_LOSS_DEFAULTS`.
     """
     from mdetr.registry import get_arch_config
 
@@ -321,9 +423,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping with sections model/loss/data/train")
     data = apply_overrides(data, overrides or [])
-    unknown = sorted(set(data) - {"model", "loss", "data", "train"})
+    if task is not None:
+        data["task"] = task
+    unknown = sorted(set(data) - {"task", "model", "loss", "data", "train"})
     if unknown:
-        raise ConfigError(f"unknown section(s) in {source}: {', '.join(unknown)} (known: model, loss, data, train)")
+        raise ConfigError(f"unknown section(s) in {source}: {', '.join(unknown)} "
+                          "(known: task, model, loss, data, train)")
+    if data.get("task") == "detection":
+        data["loss"] = {**DETECTION_LOSS_DEFAULTS, **(data.get("loss") or {})}
     model = dict(data.get("model") or {})
     if "arch" in model:
         base = dataclasses.asdict(get_arch_config(model["arch"]))

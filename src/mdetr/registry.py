@@ -157,3 +157,31 @@ def _mdetr_lite() -> ModelConfig:
         dropout=0.1,
         num_queries=16,
     )
+
+
+@register_arch("smca_r50")
+def _smca_r50() -> ModelConfig:
+    """SMCA-R50 for COCO detection (``task: detection``), the paper's single-scale model (Table 1, "SMCA w/o
+    multi-scale"; Table 2 "multi-head + indep."): ResNet-50 at stride 32, d=256, 8 heads, 6 + 6 layers, FFN
+    2048, 300 queries, beta 8, 91 COCO category ids.
+
+    The paper's multi-scale model adds ``smca_multiscale=true`` with ``enc_layers=5`` (2intra-multi-2intra)
+    and ``dim_feedforward=1024``. No ResNet-50 ImageNet weights ship with the package: train with
+    ``model.backbone_pretrained=false`` or load a converted checkpoint.
+    """
+    return ModelConfig(
+        backbone="resnet50",
+        backbone_frozen_levels=1,
+        hidden_dim=256,
+        nheads=8,
+        enc_layers=6,
+        dec_layers=6,
+        dim_feedforward=2048,
+        dropout=0.1,
+        num_queries=300,
+        decoder="smca",
+        smca_scale="independent",
+        smca_multi_head=True,
+        smca_beta=8.0,
+        num_classes=91,
+    )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from mdetr.data.errors import Problem, take_skipped
 
 
 def pad_images(images: Sequence[Tensor], *, size_divisibility: int = 1) -> tuple[Tensor, Tensor]:
@@ -51,6 +53,9 @@ class Batch:
     - ``targets``: the B target dicts of :class:`~mdetr.data.modulated.ModulatedDetection`, boxes in
       normalised cxcywh relative to each image's own (unpadded) ``size``.
 
+    - ``skipped``: why samples were dropped while this batch was loaded (``on_error="skip"``), so the
+      training loop can report them even when a DataLoader worker loaded them.
+
     ``len(batch)`` is B, which is 0 when every sample of the batch was skipped (see :func:`collate`).
     """
 
@@ -58,6 +63,7 @@ class Batch:
     masks: Tensor
     captions: list[str]
     targets: list[dict[str, Any]]
+    skipped: list[Problem] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -69,6 +75,7 @@ class Batch:
             masks=self.masks.to(device, non_blocking=non_blocking),
             captions=list(self.captions),
             targets=[{k: _move(v, device, non_blocking) for k, v in t.items()} for t in self.targets],
+            skipped=list(self.skipped),
         )
 
     def pin_memory(self) -> Batch:
@@ -81,6 +88,7 @@ class Batch:
                 {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in t.items()}
                 for t in self.targets
             ],
+            skipped=self.skipped,
         )
 
 
@@ -88,17 +96,21 @@ def collate(samples: Sequence[tuple[Tensor, dict[str, Any]] | None], *, size_div
     """Batch ``(image, target)`` samples; ``None`` samples (skipped by the dataset) are dropped.
 
     Use as ``DataLoader(..., collate_fn=collate)``, or ``functools.partial(collate, size_divisibility=32)``.
+    The problems of the skipped samples (:func:`mdetr.data.errors.take_skipped`) ride in ``skipped``.
     When every sample is None the batch is empty (``len(batch) == 0``, images ``[0, 3, 0, 0]``): the
     training loop should skip it.
     """
     kept = [sample for sample in samples if sample is not None]
+    skipped = take_skipped()  # recorded by the dataset in this process while it loaded these samples
     if not kept:
         return Batch(
             images=torch.zeros((0, 3, 0, 0)),
             masks=torch.zeros((0, 0, 0), dtype=torch.bool),
             captions=[],
             targets=[],
+            skipped=skipped,
         )
     images, masks = pad_images([image for image, _ in kept], size_divisibility=size_divisibility)
     targets = [target for _, target in kept]
-    return Batch(images=images, masks=masks, captions=[t["caption"] for t in targets], targets=targets)
+    return Batch(images=images, masks=masks, captions=[t["caption"] for t in targets], targets=targets,
+                 skipped=skipped)

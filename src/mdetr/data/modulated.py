@@ -18,7 +18,9 @@ Error policy (``on_error``):
 - ``"skip"``: the faulty entry or annotation is left out and recorded in ``problems``. An entry whose
   boxes were all rejected is left out too, since its caption would then teach only "no object". A missing
   or unreadable image makes ``__getitem__`` return ``None`` (with a warning, and the problem appended to
-  ``problems`` of the process that loaded it); :func:`mdetr.data.collate.collate` drops ``None`` samples.
+  ``problems`` of the process that loaded it and passed on by :func:`mdetr.data.errors.record_skipped`);
+  :func:`mdetr.data.collate.collate` drops ``None`` samples and hands those problems to the training loop
+  with the batch (``Batch.skipped``), which lists them in the run's ``skipped.json``.
   Returning ``None`` rather than raising is what lets a ``DataLoader`` worker carry on, and rather than
   substituting another sample it keeps every image id seen at most once, which evaluators rely on.
 
@@ -39,7 +41,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mdetr.data.errors import DataError, Problem
+from mdetr.data.errors import DataError, Problem, record_skipped
 from mdetr.data.tokens import MAX_TOKENS, positive_map_from_spans
 from mdetr.data.transforms import Compose, Normalize, Target, ToTensor
 from mdetr.data.validate import (
@@ -50,6 +52,7 @@ from mdetr.data.validate import (
     clamped_box_xyxy,
     image_entry_name,
     index_annotations,
+    is_finite_number,
     open_image,
     read_annotation_file,
     resolve_image_path,
@@ -179,6 +182,7 @@ class ModulatedDetection(Dataset):
             if self.on_error == "fail":
                 raise
             self.problems.append(error.problem)
+            record_skipped(error.problem)
             warnings.warn(f"skipping a sample: {error}", stacklevel=2)
             return None
         target = self._target(entry, annotations, image.size)
@@ -197,7 +201,7 @@ class ModulatedDetection(Dataset):
         tokenized = self.tokenizer(caption, truncation=False)
         area = [
             float(a["area"])
-            if isinstance(a.get("area"), (int, float))
+            if is_finite_number(a.get("area"))
             else float(a["bbox"][2] * a["bbox"][3])
             for a in annotations
         ]

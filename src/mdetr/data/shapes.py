@@ -752,3 +752,67 @@ def generate_shapes(
     }
     _write_json(out_dir / "meta.json", meta)
     return paths
+
+
+# ------------------------------------------------------------------------------------ detection export
+
+DETECTION_SCHEMES: tuple[str, ...] = ("shape", "shape_color")
+
+
+def detection_categories(scheme: str) -> list[dict[str, object]]:
+    """COCO categories of a detection export: ``"shape"`` gives the six shapes (ids 1-6, in ``SHAPES``
+    order); ``"shape_color"`` every (colour, shape) pair named like "red circle" (ids 1-48, colour-major in
+    ``COLORS`` order), the held-out pairs included although ``train`` never shows them."""
+    if scheme == "shape":
+        names = list(SHAPES)
+    elif scheme == "shape_color":
+        names = [f"{color} {shape}" for color in COLORS for shape in SHAPES]
+    else:
+        raise ValueError(f"unknown detection scheme {scheme!r}; expected one of {DETECTION_SCHEMES}")
+    return [{"supercategory": "shape", "id": i, "name": name} for i, name in enumerate(names, start=1)]
+
+
+def _detection_json(scenes: list[dict], *, scheme: str, image_size: int, split: str, source: Path) -> dict:
+    categories = detection_categories(scheme)
+    ids = {str(c["name"]): int(c["id"]) for c in categories}  # type: ignore[call-overload]
+    images, annotations = [], []
+    for scene in scenes:
+        image_id = int(scene["index"]) + 1
+        images.append({"id": image_id, "file_name": scene["file_name"], "height": image_size,
+                       "width": image_size})
+        for k, obj in enumerate(scene["objects"]):
+            name = obj["shape"] if scheme == "shape" else f"{obj['color']} {obj['shape']}"
+            if name not in ids:
+                raise ValueError(f"{source}: scene {scene['index']}, object {k}: unknown shape or colour {name!r}")
+            bbox = obj["bbox"]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": bbox,
+                                "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "category_id": ids[name]})
+    info = {"description": f"mdetr synthetic shapes, split {split}, detection by {scheme}", "version": "1.0"}
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+
+
+def export_detection(out_dir: str | Path, *, scheme: str = "shape",
+                     splits: Sequence[str] = SPLITS) -> dict[str, Path]:
+    """Write a plain COCO detection file per split of a generated shapes set and return their paths.
+
+    Reads ``out_dir/{split}_scenes.json`` (every object of every scene, not only the referred ones) and
+    writes ``out_dir/{split}_detection_{scheme}.json``: one image entry per scene (id = scene index + 1,
+    ``file_name`` relative to ``out_dir/images`` as in the grounding files), one annotation per object with
+    its tight box and its category (see :func:`detection_categories`).
+    """
+    detection_categories(scheme)  # reject an unknown scheme before reading anything
+    out_dir = Path(out_dir)
+    meta_file = out_dir / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: generate the shapes set first (mdetr data shapes)")
+    image_size = int(json.loads(meta_file.read_text(encoding="utf-8"))["image_size"])
+    paths: dict[str, Path] = {}
+    for split in splits:
+        source = out_dir / f"{split}_scenes.json"
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} not found: the shapes set in {out_dir} has no {split} split")
+        scenes = json.loads(source.read_text(encoding="utf-8"))
+        paths[split] = out_dir / f"{split}_detection_{scheme}.json"
+        _write_json(paths[split], _detection_json(scenes, scheme=scheme, image_size=image_size, split=split,
+                                                  source=source))
+    return paths

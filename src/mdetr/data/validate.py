@@ -27,10 +27,6 @@ from mdetr.data.tokens import MAX_TOKENS, caption_length_message, token_char_ran
 
 REQUIRED_KEYS = ("images", "annotations")
 
-# Errors Pillow raises on files it cannot decode: UnidentifiedImageError is an OSError; truncated or
-# malformed data also surface as ValueError or SyntaxError depending on the format plugin.
-_IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
 ImageRoot = str | os.PathLike | Mapping[str, "str | os.PathLike"]
 
 
@@ -99,6 +95,9 @@ def index_annotations(data: dict, file: str) -> tuple[AnnotationIndex, list[Prob
         name = image_entry_name(entry, position)
         if not isinstance(entry, dict) or "id" not in entry:
             problems.append(Problem(file, name, "the image entry has no 'id'"))
+        elif not _is_id(entry["id"]):
+            message = f"the image id {entry['id']!r} is not a non-negative integer"
+            problems.append(Problem(file, name, message))
         elif entry["id"] in index.annotations:
             problems.append(Problem(file, name, "the image id is used by an earlier image entry too"))
         else:
@@ -109,9 +108,12 @@ def index_annotations(data: dict, file: str) -> tuple[AnnotationIndex, list[Prob
         name = annotation_entry_name(annotation, position)
         if not isinstance(annotation, dict) or "id" not in annotation:
             problems.append(Problem(file, name, "the annotation has no 'id'"))
+        elif not _is_id(annotation["id"]):
+            message = f"the annotation id {annotation['id']!r} is not a non-negative integer"
+            problems.append(Problem(file, name, message))
         elif annotation["id"] in seen:
             problems.append(Problem(file, name, "the annotation id is used by an earlier annotation too"))
-        elif annotation.get("image_id") not in index.annotations:
+        elif not _is_id(annotation.get("image_id")) or annotation["image_id"] not in index.annotations:
             seen.add(annotation["id"])
             problems.append(
                 Problem(
@@ -135,8 +137,35 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+# Ids and category ids become int64 tensors and COCO evaluator keys.
+_INT64_MAX = 2**63 - 1
+
+
+def _is_id(value: Any) -> bool:
+    """A usable id: a non-negative integer that fits in int64 (not a bool, string or float)."""
+    return _is_int(value) and 0 <= value <= _INT64_MAX
+
+
+def is_text(value: Any) -> bool:
+    """A string the tokenizer can take: no lone surrogates (JSON allows them as escapes, UTF-8 does not)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) with a finite float value; JSON also allows NaN, Infinity and ints
+    too large for a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range
+        return False
 
 
 def check_image_entry(
@@ -153,6 +182,8 @@ def check_image_entry(
         problems.append(Problem(file, name, "the image entry has no 'caption'"))
     elif not isinstance(entry["caption"], str):
         problems.append(Problem(file, name, "the caption is not a string"))
+    elif not is_text(entry["caption"]):
+        problems.append(Problem(file, name, "the caption is not valid Unicode (it holds a lone surrogate)"))
     elif num_tokens is not None:
         message = caption_length_message(num_tokens, max_tokens - 1)
         if message is not None:
@@ -214,7 +245,7 @@ def _check_spans(
 
 
 def _check_box(bbox: Any, entry: dict, file: str, name: str) -> list[Problem]:
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(is_finite_number(v) for v in bbox):
         return [Problem(file, name, "'bbox' is missing or not four finite numbers [x, y, w, h]")]
     x, y, w, h = bbox
     if w <= 0 or h <= 0:
@@ -255,11 +286,14 @@ def check_annotation(
     if annotation.get("iscrowd", 0):
         return []
     name = annotation_entry_name(annotation)
-    caption = entry.get("caption") if isinstance(entry.get("caption"), str) else None
+    caption = entry.get("caption") if is_text(entry.get("caption")) else None
     problems = _check_spans(annotation_spans(annotation), caption, token_coverage, file, name)
     problems += _check_box(annotation.get("bbox"), entry, file, name)
-    if not _is_int(annotation.get("category_id")):
-        problems.append(Problem(file, name, "'category_id' is missing or not an integer"))
+    if not _is_id(annotation.get("category_id")):
+        problems.append(Problem(file, name, "'category_id' is missing or not a non-negative integer"))
+    if "isfinal" in annotation and not is_finite_number(annotation["isfinal"]) \
+            and not isinstance(annotation["isfinal"], bool):
+        problems.append(Problem(file, name, f"'isfinal' is {annotation['isfinal']!r}, not a number"))
     return problems
 
 
@@ -283,10 +317,10 @@ def check_entries(
     for start in range(0, len(index.images), chunk_size):
         chunk = index.images[start : start + chunk_size]
         captions = [e.get("caption") for e in chunk]
-        texts = [c for c in captions if isinstance(c, str)]
+        texts = [c for c in captions if is_text(c)]
         encodings = iter(tokenizer(texts, truncation=False).encodings if texts else [])
         for entry, caption in zip(chunk, captions, strict=True):
-            encoding = next(encodings) if isinstance(caption, str) else None
+            encoding = next(encodings) if is_text(caption) else None
             num_tokens = len(encoding) if encoding is not None else None
             # computed once per caption, shared by all its annotations
             coverage = None
@@ -313,7 +347,7 @@ def resolve_image_path(entry: dict, image_root: ImageRoot, file: str) -> Path:
     root = image_root
     if isinstance(image_root, Mapping):
         source = entry.get("data_source")
-        if source not in image_root:
+        if not isinstance(source, str) or source not in image_root:
             raise DataError(
                 f"data_source {source!r} has no image folder (known: {sorted(image_root)})",
                 file=file,
@@ -339,22 +373,31 @@ def open_image(path: Path, entry: dict, *, decode: bool = True) -> Image.Image:
 
     Raises :class:`DataError` naming the image path and the entry when the file is missing, cannot be
     decoded, or its size differs from the entry's ``width`` x ``height`` (the boxes would not fit it).
+    The size is compared from the header, before any pixel is decoded, so a file claiming a huge size
+    (a decompression bomb) is refused without allocating it.
     """
     name = image_entry_name(entry)
-    if not path.is_file():
+    try:
+        exists = path.is_file()
+    except (OSError, ValueError) as error:  # a NUL byte or an over-long name
+        raise DataError(f"the file name is not a usable path ({error})", file=str(path), entry=name) from None
+    if not exists:
         raise DataError("the image file does not exist", file=str(path), entry=name)
     try:
         with Image.open(path) as handle:
+            message = image_size_message(handle, entry)
+            if message is not None:
+                raise DataError(message, file=str(path), entry=name)
             if decode:
                 image = handle.convert("RGB")
             else:
                 image = handle
                 handle.verify()
-    except _IMAGE_READ_ERRORS as error:
-        raise DataError(f"the image cannot be read ({error})", file=str(path), entry=name) from error
-    message = image_size_message(image, entry)
-    if message is not None:
-        raise DataError(message, file=str(path), entry=name)
+    except DataError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any decoder failure on untrusted bytes means "unreadable"
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise DataError(f"the image cannot be read ({reason})", file=str(path), entry=name) from error
     return image
 
 

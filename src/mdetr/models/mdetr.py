@@ -135,6 +135,7 @@ class MDETR(nn.Module):
             smca_scale=config.smca_scale,
             smca_multi_head=config.smca_multi_head,
             smca_beta=config.smca_beta,
+            smca_grid_queries=config.num_queries if config.smca_reference == "grid" else 0,
         )
         self.input_proj = nn.Conv2d(body.channels[config.backbone_level], d, kernel_size=1)
         self.query_embed = nn.Embedding(config.num_queries, d)

@@ -38,6 +38,8 @@ off from the caption, and a constant below 0 would be an arbitrary extra hyper-p
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -87,6 +89,14 @@ def box_from_reference(box_logits: Tensor, reference_logits: Tensor) -> Tensor:
     """
     centre = box_logits[..., :2] + reference_logits
     return torch.cat([centre, box_logits[..., 2:]], dim=-1).sigmoid()
+
+
+def reference_grid(num_queries: int) -> Tensor:
+    """(Q, 2) normalised (x, y) centres of a raster grid of ceil(sqrt(Q)) columns covering the image."""
+    cols = math.ceil(math.sqrt(num_queries))
+    rows = math.ceil(num_queries / cols)
+    index = torch.arange(num_queries)
+    return torch.stack([(index % cols + 0.5) / cols, (index // cols + 0.5) / rows], dim=-1)
 
 
 def valid_feature_size(padding_mask: Tensor, grid_shape: tuple[int, int]) -> Tensor:
@@ -271,20 +281,34 @@ class SMCADecoder(nn.Module):
     embedding; its output before the sigmoid is also what the box head adds (Eq. 12).
     """
 
-    def __init__(self, layer: SMCADecoderLayer, num_layers: int, d_model: int) -> None:
+    def __init__(self, layer: SMCADecoderLayer, num_layers: int, d_model: int, *, grid_queries: int = 0) -> None:
         super().__init__()
         self.layers = _clones(layer, num_layers)
         self.norm = nn.LayerNorm(d_model)
         self.reference_point = MLP(input_dim=d_model, hidden_dim=d_model, output_dim=2, num_layers=2)
+        # grid_queries > 0: each query's centre starts on a regular grid over the image (a learned per-query
+        # offset, initialised to the grid, is added to Eq. 3's MLP, whose last layer starts at zero). Queries
+        # then cover the image from the first step and Hungarian matching pairs an object with a nearby query,
+        # which keeps the matching stable early in training (as anchor-based DETR variants do).
+        self.grid_queries = grid_queries
+        if grid_queries:
+            self.reference_anchor = nn.Parameter(reference_grid(grid_queries).logit())
 
     def reset_prior_parameters(self) -> None:
         """Restore the prior's initialisation (after a blanket Xavier init of the transformer)."""
         for layer in self.layers:
             layer.spatial_prior.reset_parameters()
+        if self.grid_queries:
+            with torch.no_grad():
+                self.reference_anchor.copy_(reference_grid(self.grid_queries).logit())
+            last = self.reference_point.layers[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def reference_logits(self, query_embed: Tensor) -> Tensor:
-        """(..., D) query embeddings -> (..., 2) reference centres (x, y) before the sigmoid (SMCA Eq. 3)."""
-        return self.reference_point(query_embed)
+        """(..., Q, D) query embeddings -> (..., Q, 2) reference centres (x, y) before the sigmoid (SMCA Eq. 3)."""
+        logits = self.reference_point(query_embed)
+        return logits + self.reference_anchor if self.grid_queries else logits
 
     def forward(
         self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor,

@@ -162,6 +162,7 @@ class Transformer(nn.Module):
         smca_scale: str = "independent",
         smca_multi_head: bool = True,
         smca_beta: float = 8.0,
+        smca_grid_queries: int = 0,
     ) -> None:
         super().__init__()
         enc_layer = EncoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
@@ -179,7 +180,7 @@ class Transformer(nn.Module):
                 d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                 scale=smca_scale, multi_head=smca_multi_head, beta=smca_beta,
             )
-            self.decoder = SMCADecoder(smca_layer, num_decoder_layers, d_model)
+            self.decoder = SMCADecoder(smca_layer, num_decoder_layers, d_model, grid_queries=smca_grid_queries)
         else:
             raise ValueError(f"decoder must be 'detr' or 'smca', got {decoder!r}")
         self.d_model = d_model
