@@ -14,8 +14,11 @@ from mdetr.engine.checkpoint import (
     PACK_FORMAT,
     TEXT_ENCODER_DIR,
     load_pack,
+    load_state_dict_strict,
     load_weights,
+    model_state,
     read_checkpoint_doc,
+    read_tensors,
 )
 from mdetr.losses.criterion import SetCriterion, build_criterion, weight_dict
 from mdetr.models.mdetr import MDETR
@@ -107,4 +110,30 @@ def load(
     return model.to(device).eval()
 
 
-__all__ = ["build", "build_model", "load", "LossConfig"]
+def initialise_from(model: nn.Module, source: str | Path) -> None:
+    """Copy every weight of ``source`` into ``model``: the start of a fine-tuning run.
+
+    source: an official MDETR ``.pth`` file (the official key layout is the model's own; its EMA weights
+        when it has them, as the official ``--load``), a checkpoint
+        folder of ``mdetr train`` or ``mdetr convert`` (its model weights, not the EMA), a pack, or a bundled
+        model name. Missing or unexpected keys and shape mismatches are one error listing them.
+    """
+    path = Path(source)
+    if not path.exists():
+        from mdetr.bundled import bundled_model_path
+
+        path = bundled_model_path(str(path)) or path
+    if path.is_file():
+        from mdetr.checkpoints.official import read_official_checkpoint
+
+        tensors = read_official_checkpoint(path, prefer_ema=True).state_dict
+    else:
+        doc = read_checkpoint_doc(path)
+        if doc["format"] == PACK_FORMAT:  # only what training changed: rebuild it on its pretrained parts
+            tensors = model_state(load(path))
+        else:
+            tensors = read_tensors(path / MODEL_FILE, doc)
+    load_state_dict_strict(model, tensors, source=path)
+
+
+__all__ = ["build", "build_model", "initialise_from", "load", "LossConfig"]

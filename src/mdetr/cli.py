@@ -27,6 +27,9 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML preset (see configs/)")
     parser.add_argument("--output-dir", help="shorthand for train.output_dir=...")
     parser.add_argument("--resume", help="continue from a checkpoint folder (e.g. runs/x/last)")
+    parser.add_argument("--init", metavar="WEIGHTS",
+                        help="fine-tune: start from these weights (checkpoint folder, bundled name or official "
+                             ".pth); shorthand for train.init_weights=...")
     parser.add_argument("--device", help="shorthand for train.device=...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--task", choices=["grounding", "detection"],
@@ -42,6 +45,8 @@ def train_main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if args.init:
+        overrides.append(f"train.init_weights={args.init}")
     config = load_config(args.config, overrides, task=args.task)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's)

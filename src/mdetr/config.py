@@ -273,6 +273,11 @@ class TrainConfig:
     threads: int = 0
     # Allow a new run to replace the checkpoints of an earlier run in the same output_dir.
     overwrite: bool = False
+    # Fine-tuning: start from these model weights instead of the pretrained backbone and text encoder alone.
+    # A checkpoint folder (mdetr train, convert or pack), a bundled model name, or an official MDETR .pth
+    # whose architecture model.arch names (e.g. pretrained_resnet101_checkpoint.pth with mdetr_resnet101).
+    # Every key must fit; optimizer, schedule and epoch start afresh. Ignored on --resume.
+    init_weights: str = ""
     # A batch whose loss or gradient is NaN or infinite is skipped (no optimizer update) and counted in
     # the log; this many such batches in a row stop the run with an error naming the last batch's images.
     max_nonfinite_in_a_row: int = 5

@@ -86,8 +86,11 @@ def _first_reason(err: BaseException) -> str:
     return lines[-1] if lines else err.__class__.__name__
 
 
-def read_official_checkpoint(path: str | Path, *, ema: bool = False) -> OfficialCheckpoint:
-    """Safely read an official ``.pth`` file and return its model (or EMA) weights.
+def read_official_checkpoint(
+    path: str | Path, *, ema: bool = False, prefer_ema: bool = False
+) -> OfficialCheckpoint:
+    """Safely read an official ``.pth`` file and return its model (or EMA) weights; ``prefer_ema`` takes
+    the EMA weights when the file kept them and the model weights otherwise (the official ``--load``).
 
     A file holding a bare state dict (every value a tensor) is accepted too. Raises
     :class:`CheckpointError` for a missing, unreadable or unsafe file, or a missing EMA entry.
@@ -98,6 +101,8 @@ def read_official_checkpoint(path: str | Path, *, ema: bool = False) -> Official
     raw = _safe_torch_load(path)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}, not a checkpoint dict")
+    if prefer_ema and raw.get("model_ema") is not None:
+        ema = True
     entry = "model_ema" if ema else "model"
     if entry in raw:
         weights = raw[entry]

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from mdetr.builder import initialise_from
 from mdetr.config import Config, ConfigError, TrainConfig
 from mdetr.data.collate import Batch, collate
 from mdetr.data.build import build_dataset
@@ -216,6 +217,9 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     model, criterion, weights = task.build(config)  # may complete the config (detection: the classes)
+    if tc.init_weights and resume is None:
+        initialise_from(model, tc.init_weights)
+        echo(f"initialised the model from {tc.init_weights}")
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
