@@ -32,20 +32,34 @@ def build_model(config: ModelConfig) -> nn.Module:
     return MDETRSegmentation(detr=detr) if config.masks else detr
 
 
-def build(config: Config) -> tuple[nn.Module, SetCriterion, dict[str, float]]:
-    heads = [name for name, on in (("QA", config.model.qa_dataset), ("is-final", config.model.predict_final),
-                                   ("mask", config.model.masks)) if on]
-    if heads:
-        # The criterion only supervises boxes, token slots and alignment so far.
-        raise ConfigError(f"training with {' / '.join(heads)} heads is not supported yet; these heads are "
-                          "for running released checkpoints (mdetr.load / mdetr convert)")
-    model = build_model(config.model)
-    criterion = build_criterion(config.loss, num_token_slots=config.model.num_token_slots)
+def build(config: Config) -> tuple[nn.Module, nn.Module, dict[str, float]]:
+    """Model, criterion and loss weights (aux layers included) of a grounding config.
+
+    A CLEVR QA model (``model.qa_dataset=clevr``) gets :class:`~mdetr.losses.qa.QASetCriterion`: the
+    detection losses plus the official CLEVR answer losses. GQA answer heads, the CLEVR-Ref+ is-final head
+    and masks are only for running released checkpoints; training them is refused.
+    """
+    model_config = config.model
+    unsupported = [name for name, on in (
+        ("GQA answer", model_config.qa_dataset == "gqa"), ("is-final", model_config.predict_final),
+        ("mask", model_config.masks)) if on]
+    if unsupported:
+        raise ConfigError(f"training with {' / '.join(unsupported)} heads is not supported yet; these heads are "
+                          "for running released checkpoints (mdetr.load / mdetr convert). Of the QA heads only "
+                          "model.qa_dataset=clevr trains")
+    model = build_model(model_config)
+    criterion: nn.Module = build_criterion(config.loss, num_token_slots=model_config.num_token_slots)
     weights = weight_dict(
         config.loss,
-        num_aux=config.model.dec_layers - 1 if config.model.aux_loss else 0,
-        contrastive_align=config.model.contrastive_align,
+        num_aux=model_config.dec_layers - 1 if model_config.aux_loss else 0,
+        contrastive_align=model_config.contrastive_align,
     )
+    if model_config.qa_dataset == "clevr":
+        from mdetr.losses.qa import QASetCriterion, qa_weight_dict
+        from mdetr.models.heads import clevr_attributes
+
+        criterion = QASetCriterion(criterion, clevr_attributes(model_config.qa_attributes))
+        weights.update(qa_weight_dict(config.loss.qa_loss_coef))
     return model, criterion, weights
 
 

@@ -53,6 +53,9 @@ class ModelConfig:
     qa_dataset: str = ""
     # GQA: one query and head per answer type (the released models) or a single 1853-way head.
     split_qa_heads: bool = True
+    # CLEVR QA: the attribute answers, one class of the answer_attr head each ([] is CLEVR's 15: small,
+    # large, 8 colours, cube, sphere, cylinder, rubber, metal; the shapes QA set names its own shapes).
+    qa_attributes: list[str] = field(default_factory=list)
     # CLEVR-Ref+: a per-query logit saying whether the box is in the final referred set.
     predict_final: bool = False
     # PhraseCut segmentation: wrap the detector with the attention-map + small-FPN mask head.
@@ -114,6 +117,15 @@ class ModelConfig:
             raise ConfigError(
                 "model.qa_dataset=clevr needs model.split_qa_heads=true (CLEVR has no single answer head)"
             )
+        if self.qa_attributes:
+            if self.qa_dataset != "clevr":
+                raise ConfigError("model.qa_attributes is the attribute vocabulary of model.qa_dataset=clevr; "
+                                  f"it has no meaning for qa_dataset={self.qa_dataset!r}")
+            clashes = sorted({a for a in self.qa_attributes if a in ("yes", "no") or a.isdigit()})
+            repeated = sorted({a for a in self.qa_attributes if self.qa_attributes.count(a) > 1})
+            if clashes or repeated:
+                raise ConfigError("model.qa_attributes must be distinct words other than yes / no / numbers, "
+                                  f"got {'repeated ' + ', '.join(repeated) if repeated else ', '.join(clashes)}")
         if self.masks and (self.qa_dataset or self.predict_final or self.contrastive_align):
             raise ConfigError(
                 "model.masks=true builds the PhraseCut segmentation model, which predicts boxes and masks "
@@ -171,6 +183,9 @@ class LossConfig:
     contrastive_align_coef: float = 1.0
     eos_coef: float = 0.1
     temperature: float = 0.07
+    # QA (model.qa_dataset): weight of the answer-type loss (official --qa_loss_coef); the CLEVR per-type
+    # answer losses (binary, attribute, count) have weight 1, as in the official weight dict.
+    qa_loss_coef: float = 1.0
     # "multi_hot": the official code's target (1 on every positive token, after its collate binarises the
     # map); "uniform": the paper's description (uniform distribution over the span's tokens).
     soft_token_target: str = "multi_hot"

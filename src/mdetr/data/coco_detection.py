@@ -16,7 +16,6 @@ where COCO evaluation treats them as regions to ignore. Images without annotatio
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +34,8 @@ from mdetr.data.validate import (
     clamped_box_xyxy,
     image_entry_name,
     index_annotations,
-    open_image,
+    keep_problems,
+    open_image_or_skip,
     read_annotation_file,
     resolve_image_path,
 )
@@ -165,25 +165,15 @@ class CocoDetection(Dataset):
         return entry, kept, resolve_image_path(entry, self.image_root, self.file)
 
     def _record(self, problems: Sequence[Problem]) -> None:
-        """Keep the problems; under ``"fail"`` raise the first error."""
-        if self.on_error == "fail":
-            for problem in problems:
-                if problem.severity == "error":
-                    raise problem.to_error()
-        self.problems.extend(problems)
+        keep_problems(problems, self.problems, on_error=self.on_error)
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def __getitem__(self, index: int) -> Sample | None:
         entry, annotations, path = self._samples[index]
-        try:
-            image = open_image(path, entry)
-        except DataError as error:
-            if self.on_error == "fail":
-                raise
-            self.problems.append(error.problem)
-            warnings.warn(f"skipping a sample: {error}", stacklevel=2)
+        image = open_image_or_skip(path, entry, self.problems, on_error=self.on_error)
+        if image is None:
             return None
         width, height = image.size
         boxes = [clamped_box_xyxy(a["bbox"], width, height) for a in annotations]

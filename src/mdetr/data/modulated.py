@@ -31,7 +31,6 @@ under both policies.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mdetr.data.errors import DataError, Problem, record_skipped
+from mdetr.data.errors import DataError, Problem
 from mdetr.data.tokens import MAX_TOKENS, positive_map_from_spans
 from mdetr.data.transforms import Compose, Normalize, Target, ToTensor
 from mdetr.data.validate import (
@@ -53,7 +52,8 @@ from mdetr.data.validate import (
     image_entry_name,
     index_annotations,
     is_finite_number,
-    open_image,
+    keep_problems,
+    open_image_or_skip,
     read_annotation_file,
     resolve_image_path,
 )
@@ -164,26 +164,15 @@ class ModulatedDetection(Dataset):
         return report.entry, kept, path
 
     def _record(self, problems: list[Problem]) -> None:
-        """Keep the problems; under ``"fail"`` raise the first error."""
-        if self.on_error == "fail":
-            for problem in problems:
-                if problem.severity == "error":
-                    raise problem.to_error()
-        self.problems.extend(problems)
+        keep_problems(problems, self.problems, on_error=self.on_error)
 
     def __len__(self) -> int:
         return len(self._samples)
 
     def __getitem__(self, index: int) -> Sample | None:
         entry, annotations, path = self._samples[index]
-        try:
-            image = open_image(path, entry)
-        except DataError as error:
-            if self.on_error == "fail":
-                raise
-            self.problems.append(error.problem)
-            record_skipped(error.problem)
-            warnings.warn(f"skipping a sample: {error}", stacklevel=2)
+        image = open_image_or_skip(path, entry, self.problems, on_error=self.on_error)
+        if image is None:
             return None
         target = self._target(entry, annotations, image.size)
         image, target = self.transforms(image, target)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from mdetr.data.errors import DataError, Problem
+from mdetr.data.errors import DataError, Problem, record_skipped
 from mdetr.data.tokens import MAX_TOKENS, caption_length_message, token_char_ranges, token_coverage
 
 REQUIRED_KEYS = ("images", "annotations")
@@ -445,3 +446,27 @@ def validate_annotations(
         if image_root is not None and check_images and has_file_name:
             problems += check_image_file(report.entry, image_root, file)
     return problems
+
+
+def keep_problems(problems: Sequence[Problem], into: list[Problem], *, on_error: str) -> None:
+    """Apply a dataset's bad-data policy to what checking an entry found: under ``"fail"`` raise the first
+    error; otherwise (and for warnings) add them to ``into``."""
+    if on_error == "fail":
+        for problem in problems:
+            if problem.severity == "error":
+                raise problem.to_error()
+    into.extend(problems)
+
+
+def open_image_or_skip(path: Path, entry: dict, problems: list[Problem], *, on_error: str) -> Image.Image | None:
+    """:func:`open_image` under a bad-data policy: ``"fail"`` raises its :class:`DataError`; ``"skip"``
+    records the problem (in ``problems`` and for the run's end report) and returns None."""
+    try:
+        return open_image(path, entry)
+    except DataError as error:
+        if on_error == "fail":
+            raise
+        problems.append(error.problem)
+        record_skipped(error.problem)
+        warnings.warn(f"skipping a sample: {error}", stacklevel=3)
+        return None

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mdetr.builder import initialise_from
 from mdetr.config import Config, ConfigError, TrainConfig
-from mdetr.data.collate import Batch, collate
 from mdetr.data.build import build_dataset
+from mdetr.data.collate import Batch, collate
 from mdetr.data.modulated import ModulatedDetection
 from mdetr.engine.checkpoint import restore_training, save_checkpoint
 from mdetr.engine.distributed import (
@@ -40,7 +40,7 @@ from mdetr.engine.distributed import (
     wrap_model,
 )
 from mdetr.engine.evaluate import evaluate, predict_dataset
-from mdetr.engine.faults import FaultTracker, NonFiniteLossError, gradient_norm, write_skip_report
+from mdetr.engine.faults import FaultTracker, gradient_norm, write_skip_report
 from mdetr.engine.optim import ModelEMA, adjust_learning_rate, build_optimizer
 from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 from mdetr.losses.criterion import total_loss

@@ -63,20 +63,36 @@ CLEVR_ANSWER_HEADS = (
 # Class index -> meaning for the type heads, as in the official datasets.
 GQA_ANSWER_TYPES = ("obj", "attr", "rel", "global", "cat")
 CLEVR_ANSWER_TYPES = ("binary", "attribute", "count")
+# Count answers 0 .. CLEVR_MAX_COUNT are the classes of the answer_reg head.
+CLEVR_MAX_COUNT = 19
 CLEVR_ATTRIBUTES = (
     "small", "large", "gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow",
     "cube", "sphere", "cylinder", "rubber", "metal",
 )
 
 
-def answer_head_specs(qa_dataset: str, *, split_qa_heads: bool = True) -> tuple[AnswerHeadSpec, ...]:
-    """The heads (and so the number of QA queries) of a QA variant; ``()`` when ``qa_dataset`` is empty."""
+def clevr_attributes(qa_attributes: list[str] | tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The attribute answers of a CLEVR-style model: ``model.qa_attributes``, or CLEVR's 15 when empty."""
+    return tuple(qa_attributes) or CLEVR_ATTRIBUTES
+
+
+def answer_head_specs(qa_dataset: str, *, split_qa_heads: bool = True,
+                      qa_attributes: list[str] | tuple[str, ...] = ()) -> tuple[AnswerHeadSpec, ...]:
+    """The heads (and so the number of QA queries) of a QA variant; ``()`` when ``qa_dataset`` is empty.
+
+    qa_attributes: CLEVR only, the attribute answer vocabulary (one ``answer_attr`` class each); empty is
+        CLEVR's 15 (:data:`CLEVR_ATTRIBUTES`), the released checkpoints' head.
+    """
     if not qa_dataset:
         return ()
     if qa_dataset == "gqa":
         return GQA_ANSWER_HEADS if split_qa_heads else GQA_UNIFIED_ANSWER_HEADS
     if qa_dataset == "clevr" and split_qa_heads:
-        return CLEVR_ANSWER_HEADS
+        attributes = clevr_attributes(qa_attributes)
+        if len(attributes) == len(CLEVR_ATTRIBUTES):
+            return CLEVR_ANSWER_HEADS
+        return tuple(AnswerHeadSpec("answer_attr", len(attributes)) if spec.name == "answer_attr" else spec
+                     for spec in CLEVR_ANSWER_HEADS)
     raise ValueError(f"no answer heads for qa_dataset={qa_dataset!r}, split_qa_heads={split_qa_heads}")
 
 

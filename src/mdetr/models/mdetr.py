@@ -145,7 +145,8 @@ class MDETR(nn.Module):
             self.contrastive_align_projection_image = nn.Linear(d, config.contrastive_hdim)
             self.contrastive_align_projection_text = nn.Linear(d, config.contrastive_hdim)
         self.isfinal_embed = nn.Linear(d, 1) if config.predict_final else None
-        self.answer_specs = answer_head_specs(config.qa_dataset, split_qa_heads=config.split_qa_heads)
+        self.answer_specs = answer_head_specs(config.qa_dataset, split_qa_heads=config.split_qa_heads,
+                                              qa_attributes=config.qa_attributes)
         self.qa_embed = nn.Embedding(len(self.answer_specs), d) if self.answer_specs else None
         for spec in self.answer_specs:
             # Attributes named like the official ones (``answer_type_head`` ...) so checkpoints load as is.
