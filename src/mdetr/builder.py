@@ -20,7 +20,7 @@ from mdetr.engine.checkpoint import (
     read_checkpoint_doc,
     read_tensors,
 )
-from mdetr.losses.criterion import SetCriterion, build_criterion, weight_dict
+from mdetr.losses.criterion import build_criterion, weight_dict
 from mdetr.models.mdetr import MDETR
 from mdetr.models.segmentation import MDETRSegmentation
 from mdetr.registry import official_archs
@@ -41,12 +41,12 @@ def build(config: Config) -> tuple[nn.Module, nn.Module, dict[str, float]]:
     """
     model_config = config.model
     unsupported = [name for name, on in (
-        ("GQA answer", model_config.qa_dataset == "gqa"), ("is-final", model_config.predict_final),
+        ("GQA QA", model_config.qa_dataset == "gqa"), ("is-final", model_config.predict_final),
         ("mask", model_config.masks)) if on]
     if unsupported:
-        raise ConfigError(f"training with {' / '.join(unsupported)} heads is not supported yet; these heads are "
-                          "for running released checkpoints (mdetr.load / mdetr convert). Of the QA heads only "
-                          "model.qa_dataset=clevr trains")
+        raise ConfigError(f"training with {' / '.join(unsupported)} heads is not supported yet; these heads "
+                          "are for running released checkpoints (mdetr.load / mdetr convert). Of the QA "
+                          "heads only model.qa_dataset=clevr trains")
     model = build_model(model_config)
     criterion: nn.Module = build_criterion(config.loss, num_token_slots=model_config.num_token_slots)
     weights = weight_dict(

@@ -97,6 +97,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     model = load(args.checkpoint, weights=args.weights, device=args.device)
     dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=args.ann, image_root=args.images)
+    if model.config.qa_dataset == "clevr":
+        return _evaluate_qa(args, model, dataset)
     evaluators: dict[str, object] = {"box_ap": CocoBoxEvaluator(dataset.ground_truth)}
     names = [n for n in args.refexp_datasets.split(",") if n]
     if names:
@@ -104,6 +106,23 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
     metrics = evaluate(model, loader, evaluators, device=args.device, progress=True)
     print(format_metrics(metrics))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _evaluate_qa(args: argparse.Namespace, model: object, dataset: object) -> int:
+    """Answer accuracy (overall, per question family, per answer type) and box AP of a CLEVR QA checkpoint."""
+    from torch.utils.data import DataLoader
+
+    from mdetr.data.collate import collate
+    from mdetr.engine.qa import check_answers, evaluate_qa, format_qa_metrics
+    from mdetr.models.heads import clevr_attributes
+
+    check_answers(dataset, clevr_attributes(model.config.qa_attributes))
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    metrics = evaluate_qa(model, loader, dataset, device=args.device, progress=True)
+    print(format_qa_metrics(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
     return 0
@@ -197,6 +216,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group()  # one is required, except for a detection checkpoint
     what.add_argument("--text", help="the sentence to ground")
     what.add_argument("--classes", help='comma-separated class names to detect, e.g. "cat,dog"')
+    what.add_argument("--question", help="a question to answer (a CLEVR-style QA checkpoint, "
+                      "model.qa_dataset=clevr), e.g. \"how many red things are there?\": prints the answer "
+                      "and the boxes the question's phrases refer to")
     parser.add_argument("--threshold", type=float, help="keep boxes with 1 - p(no object) above this (default "
                         "0.7); for a detection checkpoint, category probability above this (default 0.3)")
     parser.add_argument("--top-k", type=int, help="keep at most this many boxes per image")
@@ -211,11 +233,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     from mdetr.engine.detection import checkpoint_task
 
     if checkpoint_task(args.checkpoint) == "detection":
-        if args.text is not None or args.classes is not None:
-            parser.error("a detection checkpoint predicts its own categories: drop --text / --classes")
+        if args.text is not None or args.classes is not None or args.question is not None:
+            parser.error("a detection checkpoint predicts its own categories: drop --text / --classes / "
+                         "--question")
         return _predict_detection(args)
-    if args.text is None and args.classes is None:
-        parser.error("one of the arguments --text --classes is required")
+    if args.text is None and args.classes is None and args.question is None:
+        parser.error("one of the arguments --text --classes --question is required")
     if args.threshold is None:
         args.threshold = 0.7
     class_names = None
@@ -229,11 +252,18 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     paths = _expand_images(args.image)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
-    writer = _PredictionWriter(Path(args.output_dir), predictor, text=args.text, class_names=class_names,
+    text = args.question if args.question is not None else args.text
+    writer = _PredictionWriter(Path(args.output_dir), predictor, text=text, class_names=class_names,
                                token_map=args.token_map)
     try:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start: start + args.batch_size]
+            if args.question is not None:
+                answers = predictor.answer_batch(batch, [args.question] * len(batch),
+                                                 threshold=args.threshold, top_k=args.top_k)
+                for path, answer in zip(batch, answers, strict=True):
+                    writer.add(path, answer.grounding, answer=answer)
+                continue
             if class_names is not None:
                 groundings = predictor.detect_batch(batch, class_names, threshold=args.threshold,
                                                     top_k=args.top_k)
@@ -277,7 +307,8 @@ class _PredictionWriter:
         self.coco: list[dict] = []
         self.images: list[dict] = []
 
-    def add(self, path: Path, grounding: object) -> None:
+    def add(self, path: Path, grounding: object, *, answer: object | None = None) -> None:
+        """One image's outputs; ``answer`` (a :class:`~mdetr.inference.predictor.Answer`) for a question."""
         from mdetr.inference.predictor import open_image
         from mdetr.inference.visualize import draw_groundings
 
@@ -297,10 +328,20 @@ class _PredictionWriter:
             self.coco.append(result)
             if self.token_map:
                 detection["token_map"] = str(self._draw_token_map(path, grounding, k))
-        self.records.append({"image": str(path), "image_id": image_id, "text": caption,
-                             "picture": str(picture), "detections": detections})
-        best = "; ".join(f"{d['phrase']!r} {d['score']:.2f}" for d in detections[:3])
-        print(f"{path}: {len(detections)} boxes {best}")
+        record = {"image": str(path), "image_id": image_id, "text": caption, "picture": str(picture),
+                  "detections": detections}
+        if answer is not None:
+            record.update({k: v for k, v in answer.to_json().items() if k != "boxes"})
+            print(f"{path}: {caption}")
+            print(f"  answer: {answer.answer} ({answer.answer_type}, confidence {answer.confidence:.2f})")
+            print(f"  supporting boxes: {len(detections)}")
+            for d in detections:
+                box = ", ".join(f"{v:.1f}" for v in d["box_xyxy"])
+                print(f"    {d['phrase']!r} {d['score']:.2f} [{box}]")
+        else:
+            best = "; ".join(f"{d['phrase']!r} {d['score']:.2f}" for d in detections[:3])
+            print(f"{path}: {len(detections)} boxes {best}")
+        self.records.append(record)
 
     def _draw_token_map(self, path: Path, grounding: object, k: int) -> Path:
         from mdetr.inference.visualize import draw_token_map
@@ -339,6 +380,11 @@ def data_main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--detection", choices=["shape", "shape_color"],
                         help="also write COCO detection files {split}_detection_{scheme}.json whose categories "
                              "are the shapes or the (colour, shape) pairs")
+    shapes.add_argument("--qa", action="store_true",
+                        help="also write CLEVR-style question-answer files {split}_qa.json (exist, count, "
+                             "compare number, query attribute, compare attribute; for "
+                             "configs/mdetr_lite_shapes_qa.yaml)")
+    shapes.add_argument("--questions-per-scene", type=int, default=4, help="questions per scene with --qa")
     validate = sub.add_parser("validate", help="list every problem in an MDETR-format annotation file")
     validate.add_argument("ann_file")
     validate.add_argument("--images", help="image folder (checks that every image opens and has its size)")
@@ -357,6 +403,12 @@ def data_main(argv: list[str] | None = None) -> int:
 
             files.update({f"{split} detection": path
                           for split, path in export_detection(args.output_dir, scheme=args.detection).items()})
+        if args.qa:
+            from mdetr.data.shapes_qa import generate_shapes_qa
+
+            files.update({f"{split} qa": path for split, path in generate_shapes_qa(
+                args.output_dir, seed=args.seed, questions_per_scene=args.questions_per_scene,
+                progress=True).items()})
         for split, path in files.items():
             print(f"{split}: {path}")
         return 0

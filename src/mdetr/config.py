@@ -119,13 +119,14 @@ class ModelConfig:
             )
         if self.qa_attributes:
             if self.qa_dataset != "clevr":
-                raise ConfigError("model.qa_attributes is the attribute vocabulary of model.qa_dataset=clevr; "
-                                  f"it has no meaning for qa_dataset={self.qa_dataset!r}")
+                raise ConfigError("model.qa_attributes is the attribute vocabulary of model.qa_dataset="
+                                  f"clevr; it has no meaning for qa_dataset={self.qa_dataset!r}")
             clashes = sorted({a for a in self.qa_attributes if a in ("yes", "no") or a.isdigit()})
             repeated = sorted({a for a in self.qa_attributes if self.qa_attributes.count(a) > 1})
             if clashes or repeated:
-                raise ConfigError("model.qa_attributes must be distinct words other than yes / no / numbers, "
-                                  f"got {'repeated ' + ', '.join(repeated) if repeated else ', '.join(clashes)}")
+                found = "repeated " + ", ".join(repeated) if repeated else ", ".join(clashes)
+                raise ConfigError("model.qa_attributes must be distinct words other than yes / no / "
+                                  f"numbers, got {found}")
         if self.masks and (self.qa_dataset or self.predict_final or self.contrastive_align):
             raise ConfigError(
                 "model.masks=true builds the PhraseCut segmentation model, which predicts boxes and masks "

@@ -142,11 +142,16 @@ class GroundingTask:
 
 
 def training_task(config: Config) -> TrainingTask:
-    """The hooks for ``config.task``."""
+    """The hooks for ``config.task``; a grounding config with ``model.qa_dataset=clevr`` trains question
+    answering (:class:`mdetr.engine.qa.QATask`)."""
     if config.task == "detection":
         from mdetr.engine.detection import DetectionTask
 
         return DetectionTask()
+    if config.model.qa_dataset == "clevr":
+        from mdetr.engine.qa import QATask
+
+        return QATask()
     return GroundingTask()
 
 

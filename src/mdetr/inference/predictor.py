@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,23 @@ def open_image(image: ImageInput) -> Image.Image:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+@dataclass
+class Answer:
+    """A CLEVR QA model's answer to one question about one image: ``answer`` (the decoded word),
+    ``answer_type`` ("binary", "attribute" or "count"), ``confidence`` = p(type) x p(answer | type), and the
+    ``grounding``: the boxes the question's phrases refer to, which support the answer."""
+
+    question: str
+    answer: str
+    answer_type: str
+    confidence: float
+    grounding: Grounding
+
+    def to_json(self) -> dict:
+        return {"question": self.question, "answer": self.answer, "answer_type": self.answer_type,
+                "confidence": round(self.confidence, 4), "boxes": self.grounding.to_json()}
 
 
 class Predictor:
@@ -105,6 +123,36 @@ class Predictor:
                 top_k: int | None = None) -> Grounding:
         """Boxes (xyxy pixels), scores and phrases for one image and one sentence."""
         return self.predict_batch([image], [text], threshold=threshold, top_k=top_k)[0]
+
+    @torch.no_grad()
+    def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str], *, threshold: float = 0.7,
+                     top_k: int | None = None, text_threshold: float = 0.1) -> list[Answer]:
+        """Answer one question per image (a ``model.qa_dataset=clevr`` model), with the boxes it grounds."""
+        from mdetr.losses.qa import answer_confidence, decode_clevr_answers
+        from mdetr.models.heads import CLEVR_ANSWER_TYPES, clevr_attributes
+
+        config = getattr(self.model, "config", None)
+        qa_dataset = getattr(config, "qa_dataset", "")
+        if qa_dataset != "clevr":
+            raise ValueError("answering questions needs a CLEVR-style QA model (model.qa_dataset=clevr); "
+                             f"this model has qa_dataset={qa_dataset!r}")
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images but {len(questions)} questions")
+        inputs = self.processor([open_image(im) for im in images], list(questions))
+        outputs = self._forward(inputs["pixel_values"], inputs["pixel_mask"], inputs["captions"])
+        answers = decode_clevr_answers(outputs.qa, clevr_attributes(config.qa_attributes))
+        types = outputs.qa["answer_type"].argmax(-1).tolist()
+        confidence = answer_confidence(outputs.qa).tolist()
+        detections = post_process_grounded_detection(
+            outputs, target_sizes=inputs["target_sizes"], threshold=threshold, text_threshold=text_threshold,
+            top_k=top_k, captions=list(questions))
+        return [Answer(q, a, CLEVR_ANSWER_TYPES[t], c, _grounding(d))
+                for q, a, t, c, d in zip(questions, answers, types, confidence, detections, strict=True)]
+
+    def answer(self, image: ImageInput, question: str, *, threshold: float = 0.7,
+               top_k: int | None = None) -> Answer:
+        """The answer to one question about one image, with its supporting boxes."""
+        return self.answer_batch([image], [question], threshold=threshold, top_k=top_k)[0]
 
     def class_prompts(self, class_names: Sequence[str], *,
                       max_tokens: int | None = None) -> list[ClassPrompt]:

@@ -306,9 +306,19 @@ class SMCADecoder(nn.Module):
             nn.init.zeros_(last.bias)
 
     def reference_logits(self, query_embed: Tensor) -> Tensor:
-        """(..., Q, D) query embeddings -> (..., Q, 2) reference centres (x, y) before the sigmoid (SMCA Eq. 3)."""
+        """(..., Q, D) query embeddings -> (..., Q, 2) reference centres (x, y) before the sigmoid (SMCA Eq. 3).
+
+        Queries past the grid's (a QA model's answer queries, appended after the object queries) get no
+        grid offset: they start at the image centre.
+        """
         logits = self.reference_point(query_embed)
-        return logits + self.reference_anchor if self.grid_queries else logits
+        if not self.grid_queries:
+            return logits
+        anchor = self.reference_anchor
+        extra = logits.shape[-2] - anchor.shape[0]
+        if extra > 0:
+            anchor = torch.cat([anchor, anchor.new_zeros(extra, anchor.shape[1])])
+        return logits + anchor
 
     def forward(
         self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor,

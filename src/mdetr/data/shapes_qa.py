@@ -1,0 +1,309 @@
+"""CLEVR-style questions and answers about the synthetic shapes scenes (MDETR Section 4.4 on shapes).
+
+:func:`generate_shapes_qa` reads the scenes that :func:`mdetr.data.shapes.generate_shapes` wrote
+(``{split}_scenes.json``) and writes ``{split}_qa.json`` next to them, in the MDETR CLEVR format: one image
+entry per question, sharing the scene's PNG, with the question as ``caption``, its ``answer``, its family as
+``question_type``, and one annotation per object the question mentions, whose ``tokens_positive`` are the
+spans of the phrases that mention it. So the detection losses still apply to QA training.
+
+The five families of the CLEVR paper's breakdown (MDETR Table 4):
+
+* ``exist``: "are there any red circles?" -> yes / no; boxes: the matching objects;
+* ``count``: "how many large things are there?" -> "0" .. "10"; boxes: the counted objects;
+* ``compare_number``: "are there more red things than stars?" (more / fewer / same number) -> yes / no;
+  boxes: both sets, each with its own phrase;
+* ``query_attribute``: "what color is the large star?" (color / shape / size / material) -> an attribute
+  word; box: the object, described uniquely without the queried attribute;
+* ``compare_attribute``: "is the red circle the same size as the blue star?" -> yes / no; boxes: both
+  objects, each described uniquely without the compared attribute.
+
+Every entry also carries ``program``: the filters (attribute -> value, canonical words) and the family's
+parameters, from which the answer follows by brute force over the scene's objects (:func:`answer_program`).
+Attribute answers come from :data:`SHAPES_QA_ATTRIBUTES` (CLEVR's answer list with the shapes set's six
+shapes in place of cube / sphere / cylinder): a model trained on it sets ``model.qa_attributes`` to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from mdetr.data.shapes import COLORS, MATERIAL_WORDS, MATERIALS, SHAPES, SIZES, SPLITS, ShapeObject
+
+FAMILIES: tuple[str, ...] = ("count", "exist", "compare_number", "query_attribute", "compare_attribute")
+"""The question families, in the order of the CLEVR accuracy table."""
+SHAPES_QA_ATTRIBUTES: tuple[str, ...] = (*SIZES, *COLORS, *SHAPES, *MATERIALS)
+"""The attribute answers, ordered as CLEVR's (sizes, colours, shapes, materials)."""
+ATTRIBUTES: tuple[str, ...] = ("size", "color", "material", "shape")
+DATASET_NAME = "shapes_qa"
+
+_ATTRIBUTE_NOUNS = {"size": "size", "color": "color", "material": "material", "shape": "shape"}
+_COUNT_TEMPLATES = ("how many {pl} are there?", "what number of {pl} are there?",
+                    "how many {pl} are in the picture?")
+_EXIST_TEMPLATES = ("are there any {pl}?", "is there {sg}?", "are any {pl} visible?")
+_COMPARE_NUMBER_TEMPLATES = {
+    "more": ("are there more {a} than {b}?",),
+    "fewer": ("are there fewer {a} than {b}?",),
+    "equal": ("are there the same number of {a} and {b}?",
+              "is the number of {a} the same as the number of {b}?"),
+}
+_QUERY_TEMPLATES = {
+    "color": ("what color is {x}?", "what is the color of {x}?"),
+    "shape": ("what shape is {x}?", "what is the shape of {x}?"),
+    "size": ("what size is {x}?", "how big is {x}?"),
+    "material": ("what material is {x}?", "what is {x} made of?"),
+}
+_COMPARE_ATTRIBUTE_TEMPLATES = ("is {x} the same {attr} as {y}?", "does {x} have the same {attr} as {y}?",
+                                "are {x} and {y} the same {attr}?")
+_SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}
+
+Filter = dict[str, str]
+Group = tuple[tuple[int, int], tuple[int, ...]]
+
+
+def objects_from_scene(scene: dict[str, Any]) -> list[ShapeObject]:
+    """The :class:`ShapeObject` list of one record of ``{split}_scenes.json``."""
+    return [ShapeObject(o["shape"], o["color"], o["size"], o["material"], float(o["x"]), float(o["y"]),
+                        float(o["radius"])) for o in scene["objects"]]
+
+
+def matching(objects: Sequence[ShapeObject], filt: Filter) -> tuple[int, ...]:
+    """Indices of the objects whose attributes have every value of ``filt``."""
+    return tuple(i for i, o in enumerate(objects) if all(o.attribute(a) == v for a, v in filt.items()))
+
+
+def answer_program(objects: Sequence[ShapeObject], program: dict[str, Any]) -> str:
+    """The answer to a question's ``program`` over the scene's objects (brute force, no text involved)."""
+    family = program["family"]
+    sets = [matching(objects, f) for f in program["filters"]]
+    if family == "count":
+        return str(len(sets[0]))
+    if family == "exist":
+        return "yes" if sets[0] else "no"
+    if family == "compare_number":
+        a, b = len(sets[0]), len(sets[1])
+        holds = {"more": a > b, "fewer": a < b, "equal": a == b}[program["comparison"]]
+        return "yes" if holds else "no"
+    if any(len(s) != 1 for s in sets):
+        raise ValueError(f"the program {program} does not single out one object per filter")
+    attribute = program["attribute"]
+    if family == "query_attribute":
+        return objects[sets[0][0]].attribute(attribute)
+    if family == "compare_attribute":
+        same = objects[sets[0][0]].attribute(attribute) == objects[sets[1][0]].attribute(attribute)
+        return "yes" if same else "no"
+    raise ValueError(f"unknown question family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def _choice(rng: np.random.Generator, options: Sequence[Any]) -> Any:
+    return options[int(rng.integers(len(options)))]
+
+
+def _phrase(filt: Filter, rng: np.random.Generator, *, plural: bool) -> str:
+    """Words in CLEVR order (size, colour, material, shape), "thing" / "object" when no shape is named."""
+    words = [filt["size"]] if "size" in filt else []
+    if "color" in filt:
+        words.append(filt["color"])
+    if "material" in filt:
+        words.append(_choice(rng, MATERIAL_WORDS[filt["material"]]))
+    noun = filt.get("shape") or _choice(rng, ("thing", "object"))
+    words.append(noun + ("s" if plural else ""))
+    return " ".join(words)
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _filter_of(obj: ShapeObject, attributes: Sequence[str]) -> Filter:
+    return {a: obj.attribute(a) for a in attributes}
+
+
+def _random_filter(objects: Sequence[ShapeObject], rng: np.random.Generator, *, from_scene: bool) -> Filter:
+    """One or two attribute constraints, read off a scene object or (``from_scene`` False) drawn at random."""
+    names = [ATTRIBUTES[int(i)] for i in rng.choice(len(ATTRIBUTES), size=int(rng.integers(1, 3)),
+                                                   replace=False)]
+    if from_scene:
+        return _filter_of(_choice(rng, objects), names)
+    values = {"size": SIZES, "color": tuple(COLORS), "material": MATERIALS, "shape": SHAPES}
+    return {a: _choice(rng, values[a]) for a in names}
+
+
+def _unique_filter(objects: Sequence[ShapeObject], target: int, rng: np.random.Generator, *,
+                   without: str) -> Filter | None:
+    """The shortest description (1 to 3 attributes, never ``without``) that matches ``target`` alone."""
+    allowed = [a for a in ATTRIBUTES if a != without]
+    for k in range(1, len(allowed) + 1):
+        found = [s for s in itertools.combinations(allowed, k)
+                 if matching(objects, _filter_of(objects[target], s)) == (target,)]
+        if found:
+            return _filter_of(objects[target], _choice(rng, found))
+    return None
+
+
+def _fill(template: str, **phrases: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """The template with its ``{name}`` slots filled, and each slot's character span in the result."""
+    text, spans, rest = "", {}, template
+    while "{" in rest:
+        before, _, after = rest.partition("{")
+        name, _, rest = after.partition("}")
+        text += before
+        spans[name] = (len(text), len(text) + len(phrases[name]))
+        text += phrases[name]
+    return text + rest, spans
+
+
+def make_question(objects: Sequence[ShapeObject], family: str,
+                  rng: np.random.Generator) -> tuple[str, dict[str, Any], tuple[Group, ...]] | None:
+    """(question, program, groups) of one family for a scene, or None when the scene allows none.
+
+    ``groups`` pairs each mentioned phrase's character span with the objects it refers to.
+    """
+    if family in ("count", "exist"):
+        filt = _random_filter(objects, rng, from_scene=family == "count" or rng.random() < 0.5)
+        members = matching(objects, filt)
+        plural = _phrase(filt, rng, plural=True)
+        template = _choice(rng, _COUNT_TEMPLATES if family == "count" else _EXIST_TEMPLATES)
+        text, spans = _fill(template, pl=plural, sg=_article(_phrase(filt, rng, plural=False)))
+        span = spans.get("pl") or spans["sg"]
+        return text, {"family": family, "filters": [filt]}, ((span, members),)
+    if family == "compare_number":
+        first = _random_filter(objects, rng, from_scene=True)
+        second = _random_filter(objects, rng, from_scene=True)
+        if first == second:
+            return None
+        comparison = _choice(rng, ("more", "fewer", "equal"))
+        text, spans = _fill(_choice(rng, _COMPARE_NUMBER_TEMPLATES[comparison]),
+                            a=_phrase(first, rng, plural=True), b=_phrase(second, rng, plural=True))
+        program = {"family": family, "filters": [first, second], "comparison": comparison}
+        return text, program, ((spans["a"], matching(objects, first)),
+                               (spans["b"], matching(objects, second)))
+    if family == "query_attribute":
+        attribute = _choice(rng, ATTRIBUTES)
+        for target in rng.permutation(len(objects)):
+            filt = _unique_filter(objects, int(target), rng, without=attribute)
+            if filt is not None:
+                text, spans = _fill(_choice(rng, _QUERY_TEMPLATES[attribute]),
+                                    x="the " + _phrase(filt, rng, plural=False))
+                program = {"family": family, "filters": [filt], "attribute": attribute}
+                return text, program, ((spans["x"], (int(target),)),)
+        return None
+    if family == "compare_attribute":
+        attribute = _choice(rng, ATTRIBUTES)
+        for first in rng.permutation(len(objects)):
+            first = int(first)
+            others = [i for i in range(len(objects)) if i != first]
+            value = objects[first].attribute(attribute)
+            same = [i for i in others if objects[i].attribute(attribute) == value]
+            # Half the questions pick a partner sharing the attribute, so "yes" is as common as "no".
+            pool = same if same and rng.random() < 0.5 else others
+            for second in rng.permutation(pool):
+                second = int(second)
+                x = _unique_filter(objects, first, rng, without=attribute)
+                y = _unique_filter(objects, second, rng, without=attribute)
+                if x is None or y is None:
+                    continue
+                text, spans = _fill(_choice(rng, _COMPARE_ATTRIBUTE_TEMPLATES),
+                                    x="the " + _phrase(x, rng, plural=False),
+                                    y="the " + _phrase(y, rng, plural=False),
+                                    attr=_ATTRIBUTE_NOUNS[attribute])
+                program = {"family": family, "filters": [x, y], "attribute": attribute}
+                return text, program, ((spans["x"], (first,)), (spans["y"], (second,)))
+        return None
+    raise ValueError(f"unknown question family {family!r}; known: {', '.join(FAMILIES)}")
+
+
+def scene_questions(objects: Sequence[ShapeObject], rng: np.random.Generator, *,
+                    count: int) -> list[tuple[str, str, dict[str, Any], tuple[Group, ...]]]:
+    """Up to ``count`` distinct (question, answer, program, groups) for a scene, families drawn evenly."""
+    found: list[tuple[str, str, dict[str, Any], tuple[Group, ...]]] = []
+    seen: set[str] = set()
+    for _ in range(8 * count):
+        if len(found) == count:
+            break
+        made = make_question(objects, _choice(rng, FAMILIES), rng)
+        if made is None or made[0] in seen:
+            continue
+        text, program, groups = made
+        seen.add(text)
+        found.append((text, answer_program(objects, program), program, groups))
+    return found
+
+
+def _scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The question generator of one scene, independent of the layout / rendering / caption ones."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODES[split], index, 0x51A]))
+
+
+def _qa_json(split: str, scenes: list[dict[str, Any]], *, seed: int, image_size: int,
+             questions_per_scene: int, progress: bool) -> dict[str, Any]:
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    for scene in tqdm(scenes, desc=f"shapes qa {split}", disable=not progress):
+        objects = objects_from_scene(scene)
+        rng = _scene_rng(seed, split, int(scene["index"]))
+        for text, answer, program, groups in scene_questions(objects, rng, count=questions_per_scene):
+            image_id = len(images) + 1
+            images.append({
+                "id": image_id, "file_name": scene["file_name"], "height": image_size, "width": image_size,
+                "caption": text, "dataset_name": DATASET_NAME, "tokens_negative": [],
+                "original_id": int(scene["index"]), "questionId": image_id, "answer": answer,
+                "question_type": program["family"], "program": program,
+            })
+            spans_of: dict[int, list[list[int]]] = {}
+            for span, members in groups:
+                for member in members:
+                    spans_of.setdefault(member, []).append(list(span))
+            for member in sorted(spans_of):
+                record = scene["objects"][member]
+                bbox = record["bbox"]
+                annotations.append({
+                    "id": len(annotations) + 1, "image_id": image_id, "bbox": bbox,
+                    "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "category_id": 1,
+                    "tokens_positive": spans_of[member], "object_index": member,
+                    **{a: record[a] for a in ATTRIBUTES},
+                })
+    return {
+        "info": {"description": f"mdetr synthetic shapes questions, split {split}", "version": "1.0",
+                 "seed": seed, "families": list(FAMILIES), "attributes": list(SHAPES_QA_ATTRIBUTES)},
+        "licenses": [], "images": images, "annotations": annotations,
+        "categories": [{"supercategory": "object", "id": 1, "name": "object"}],
+    }
+
+
+def generate_shapes_qa(out_dir: str | Path, *, seed: int = 0, questions_per_scene: int = 4,
+                       splits: Sequence[str] = SPLITS, progress: bool = False) -> dict[str, Path]:
+    """Write ``{split}_qa.json`` for every split whose ``{split}_scenes.json`` is in ``out_dir``.
+
+    Returns ``{split: path}``. The same scenes, seed and count give byte-identical files.
+    """
+    out_dir = Path(out_dir)
+    if questions_per_scene < 1:
+        raise ValueError(f"questions_per_scene must be at least 1, got {questions_per_scene}")
+    meta_file = out_dir / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file} not found: generate the scenes first "
+                                f"(mdetr data shapes {out_dir})")
+    image_size = int(json.loads(meta_file.read_text(encoding="utf-8"))["image_size"])
+    paths: dict[str, Path] = {}
+    for split in splits:
+        scenes_file = out_dir / f"{split}_scenes.json"
+        if not scenes_file.is_file():
+            raise FileNotFoundError(f"{scenes_file} not found: generate the scenes first "
+                                    f"(mdetr data shapes {out_dir})")
+        scenes = json.loads(scenes_file.read_text(encoding="utf-8"))
+        payload = _qa_json(split, scenes, seed=seed, image_size=image_size,
+                           questions_per_scene=questions_per_scene, progress=progress)
+        paths[split] = out_dir / f"{split}_qa.json"
+        paths[split].write_text(json.dumps(payload, separators=(",", ":")) + "\n", encoding="utf-8")
+    return paths
+
+
+__all__ = ["FAMILIES", "SHAPES_QA_ATTRIBUTES", "answer_program", "generate_shapes_qa", "make_question",
+           "matching", "objects_from_scene", "scene_questions"]

@@ -1,0 +1,236 @@
+"""CLEVR-style question answering: the official QA loss, answer encoding, accuracy, the shapes question
+generator (answers re-derived by brute force) and a tiny train -> evaluate -> predict run via the CLI."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mdetr.builder import build
+from mdetr.config import Config, ConfigError, ModelConfig
+from mdetr.data.shapes import COLORS, SHAPES
+from mdetr.data.shapes_qa import FAMILIES, SHAPES_QA_ATTRIBUTES, generate_shapes_qa
+from mdetr.engine.qa import qa_accuracy
+from mdetr.losses.qa import (
+    ClevrQACriterion,
+    answer_targets,
+    decode_clevr_answers,
+    encode_clevr_answer,
+    qa_weight_dict,
+)
+from mdetr.models.heads import CLEVR_ATTRIBUTES, answer_head_specs
+
+
+def _log_softmax(row):
+    m = max(row)
+    lse = m + math.log(sum(math.exp(v - m) for v in row))
+    return [v - lse for v in row]
+
+
+def _bce(logit, target):
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def test_clevr_qa_loss_matches_a_hand_computation():
+    torch.manual_seed(0)
+    answers = ["yes", "no", "cylinder", "3", "7", "red"]
+    qa = {"answer_type": torch.randn(6, 3), "answer_binary": torch.randn(6),
+          "answer_attr": torch.randn(6, 15), "answer_reg": torch.randn(6, 20)}
+    losses = ClevrQACriterion()(qa, answer_targets(answers))
+
+    types = [0, 0, 1, 2, 2, 1]
+    rows = {k: v.tolist() for k, v in qa.items()}
+    type_ce = sum(-_log_softmax(rows["answer_type"][i])[t] for i, t in enumerate(types)) / 6
+    binary = (_bce(rows["answer_binary"][0], 1.0) + _bce(rows["answer_binary"][1], 0.0)) / 2
+    attr = (-_log_softmax(rows["answer_attr"][2])[CLEVR_ATTRIBUTES.index("cylinder")]
+            - _log_softmax(rows["answer_attr"][5])[CLEVR_ATTRIBUTES.index("red")]) / 2
+    reg = (-_log_softmax(rows["answer_reg"][3])[3] - _log_softmax(rows["answer_reg"][4])[7]) / 2
+    assert losses["loss_answer_type"].item() == pytest.approx(type_ce, rel=1e-5)
+    assert losses["loss_answer_binary"].item() == pytest.approx(binary, rel=1e-5)
+    assert losses["loss_answer_attr"].item() == pytest.approx(attr, rel=1e-5)
+    assert losses["loss_answer_reg"].item() == pytest.approx(reg, rel=1e-5)
+
+    # accuracy_answer_total: type right AND the type's head right
+    predicted = decode_clevr_answers(qa)
+    assert losses["accuracy_answer_total"].item() == pytest.approx(
+        sum(p == a for p, a in zip(predicted, answers, strict=True)) / 6)
+    # the official weights: type loss qa_loss_coef, the per-type losses 1
+    assert qa_weight_dict(25.0) == {"loss_answer_type": 25.0, "loss_answer_binary": 1.0,
+                                    "loss_answer_attr": 1.0, "loss_answer_reg": 1.0}
+
+
+def test_type_without_questions_contributes_zero_and_accuracy_one():
+    qa = {"answer_type": torch.randn(2, 3), "answer_binary": torch.randn(2),
+          "answer_attr": torch.randn(2, 15), "answer_reg": torch.randn(2, 20)}
+    losses = ClevrQACriterion()(qa, answer_targets(["2", "0"]))
+    assert losses["loss_answer_binary"].item() == 0.0 and losses["loss_answer_attr"].item() == 0.0
+    assert losses["accuracy_answer_binary"].item() == 1.0 and losses["accuracy_answer_attr"].item() == 1.0
+
+
+def test_answer_encoding_and_decoding_follow_the_official_rule():
+    assert encode_clevr_answer("yes").answer_type == 0 and encode_clevr_answer("yes").binary == 1.0
+    assert encode_clevr_answer("no").binary == 0.0
+    assert encode_clevr_answer("metal").attribute == 14
+    assert encode_clevr_answer("10").count == 10 and encode_clevr_answer("10").attribute == -100
+    assert encode_clevr_answer("star", SHAPES_QA_ATTRIBUTES).attribute == SHAPES_QA_ATTRIBUTES.index("star")
+    with pytest.raises(ValueError, match="'star' is not yes / no"):
+        encode_clevr_answer("star")
+    with pytest.raises(ValueError):
+        encode_clevr_answer("20")
+    qa = {"answer_type": torch.tensor([[5.0, 0, 0], [5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]]),
+          "answer_binary": torch.tensor([0.3, -0.3, 9.0, 9.0]),
+          "answer_attr": torch.nn.functional.one_hot(torch.tensor([0, 0, 3, 0]), 15).float(),
+          "answer_reg": torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 4]), 20).float()}
+    assert decode_clevr_answers(qa) == ["yes", "no", "red", "4"]
+
+
+def test_attribute_vocabulary_sets_the_head_size():
+    specs = {s.name: s.num_outputs
+             for s in answer_head_specs("clevr", qa_attributes=list(SHAPES_QA_ATTRIBUTES))}
+    assert specs == {"answer_type": 3, "answer_binary": 1, "answer_reg": 20, "answer_attr": 18}
+    assert {s.name: s.num_outputs for s in answer_head_specs("clevr")}["answer_attr"] == 15
+    with pytest.raises(ConfigError, match="qa_attributes"):
+        ModelConfig(qa_dataset="clevr", qa_attributes=["red", "red"]).validate()
+
+
+def test_accuracy_on_hand_computed_cases():
+    predicted = ["yes", "3", "red", "no", "2", "yes"]
+    truth = ["yes", "2", "red", "yes", "2", "yes"]
+    families = ["exist", "count", "query_attribute", "compare_number", "count", "compare_attribute"]
+    summary = qa_accuracy(predicted, truth, families, attributes=CLEVR_ATTRIBUTES)
+    assert summary["accuracy"] == pytest.approx(4 / 6)
+    assert summary["num_questions"] == 6
+    assert summary["per_family"] == {"count": 0.5, "exist": 1.0, "compare_number": 0.0,
+                                     "query_attribute": 1.0, "compare_attribute": 1.0}
+    assert list(summary["per_family"]) == list(FAMILIES)
+    assert summary["family_counts"]["count"] == 2
+    assert summary["per_answer_type"] == {"binary": 2 / 3, "attribute": 1.0, "count": 0.5}
+    with pytest.raises(ValueError):
+        qa_accuracy(["yes"], ["yes", "no"])
+
+
+def test_gqa_training_and_masks_stay_refused():
+    with pytest.raises(ConfigError, match="GQA QA heads is not supported yet"):
+        build(Config(model=ModelConfig(qa_dataset="gqa", backbone_pretrained=False)))
+
+
+# ------------------------------------------------------------------------------------------ generator
+
+def _brute_force(objects, program):
+    """The answer from the scene records alone: an independent re-implementation of each family."""
+    def members(filt):
+        return [i for i, o in enumerate(objects) if all(o[k] == v for k, v in filt.items())]
+
+    family, filters = program["family"], program["filters"]
+    if family == "exist":
+        return "yes" if members(filters[0]) else "no"
+    if family == "count":
+        return str(len(members(filters[0])))
+    if family == "compare_number":
+        a, b = len(members(filters[0])), len(members(filters[1]))
+        return "yes" if {"more": a > b, "fewer": a < b, "equal": a == b}[program["comparison"]] else "no"
+    found = [members(f) for f in filters]
+    assert all(len(m) == 1 for m in found), "a query / compare description must name one object"
+    values = [objects[m[0]][program["attribute"]] for m in found]
+    if family == "query_attribute":
+        return values[0]
+    return "yes" if values[0] == values[1] else "no"
+
+
+@pytest.fixture(scope="module")
+def qa_dir(tmp_path_factory):
+    from mdetr.cli import main
+
+    out = tmp_path_factory.mktemp("shapes-qa")
+    assert main(["data", "shapes", str(out), "--num-train", "6", "--num-val", "3", "--num-val-unseen", "2",
+                 "--image-size", "128", "--qa", "--questions-per-scene", "3"]) == 0
+    return out
+
+
+def test_generator_answers_agree_with_brute_force(qa_dir, tmp_path):
+    families, answers = set(), set()
+    for split in ("train", "val", "val_unseen"):
+        data = json.loads((qa_dir / f"{split}_qa.json").read_text())
+        scenes = {s["index"]: s for s in json.loads((qa_dir / f"{split}_scenes.json").read_text())}
+        boxes_of = {}
+        for ann in data["annotations"]:
+            boxes_of.setdefault(ann["image_id"], []).append(ann)
+        for entry in data["images"]:
+            scene = scenes[entry["original_id"]]
+            objects = scene["objects"]
+            program = entry["program"]
+            assert entry["file_name"] == scene["file_name"]
+            assert entry["question_type"] == program["family"]
+            assert entry["answer"] == _brute_force(objects, program), entry
+            encode_clevr_answer(entry["answer"], SHAPES_QA_ATTRIBUTES)  # in the answer vocabulary
+            # the boxes are exactly the objects the question's filters select, each with its own phrase
+            expected = set()
+            for filt in program["filters"]:
+                expected |= {i for i, o in enumerate(objects) if all(o[k] == v for k, v in filt.items())}
+            anns = boxes_of.get(entry["id"], [])
+            assert {a["object_index"] for a in anns} == expected
+            for ann in anns:
+                assert ann["bbox"] == objects[ann["object_index"]]["bbox"]
+                for beg, end in ann["tokens_positive"]:
+                    phrase = entry["caption"][beg:end]
+                    obj = objects[ann["object_index"]]
+                    named = [w for w in phrase.split()
+                             if w.rstrip("s") in (*COLORS, *SHAPES, "small", "large")]
+                    assert phrase and all(w.rstrip("s") in (obj["color"], obj["shape"], obj["size"])
+                                          for w in named), (phrase, obj)
+            families.add(program["family"])
+            answers.add(entry["answer"])
+    assert families == set(FAMILIES)
+    assert {"yes", "no"} <= answers
+    # deterministic
+    first = (qa_dir / "train_qa.json").read_bytes()
+    generate_shapes_qa(qa_dir, seed=0, questions_per_scene=3, splits=("train",))
+    assert (qa_dir / "train_qa.json").read_bytes() == first
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def test_train_evaluate_predict_through_the_cli(qa_dir, tmp_path, capsys):
+    from conftest import _tiny_overrides
+
+    from mdetr.cli import main
+
+    config = tmp_path / "qa.yaml"
+    config.write_text("model:\n  arch: mdetr_lite\n  qa_dataset: clevr\n  qa_attributes: ["
+                      + ", ".join(SHAPES_QA_ATTRIBUTES) + "]\n")
+    run = tmp_path / "run"
+    overrides = _tiny_overrides(qa_dir, run, "train.epochs=1", "data.refexp_datasets=[]",
+                                "data.num_workers=0",
+                                f"data.train_ann={qa_dir / 'train_qa.json'}",
+                                f"data.val_ann={qa_dir / 'val_qa.json'}")
+    assert main(["train", "--config", str(config), "--no-progress", *overrides]) == 0
+    evals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["type"] == "eval"]
+    assert evals and "accuracy" in evals[-1]
+    qa = evals[-1]["metrics"]["qa"]
+    assert set(qa["per_family"]) <= set(FAMILIES) and qa["num_questions"] > 0
+    assert (run / "best").is_dir()
+    train_record = next(json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
+                        if '"train"' in line)
+    qa_losses = {"loss_answer_type", "loss_answer_binary", "loss_answer_attr", "loss_answer_reg"}
+    assert qa_losses <= set(train_record)
+
+    capsys.readouterr()
+    metrics_file = tmp_path / "metrics.json"
+    assert main(["evaluate", str(run / "best"), "--ann", str(qa_dir / "val_qa.json"), "--images",
+                 str(qa_dir / "images"), "--output", str(metrics_file)]) == 0
+    assert "Answer accuracy" in capsys.readouterr().out
+    assert json.loads(metrics_file.read_text())["qa"]["num_questions"] == qa["num_questions"]
+
+    image = qa_dir / "images" / "val" / "000000.png"
+    assert main(["predict", str(run / "best"), "--image", str(image), "--question",
+                 "how many red things are there?", "--threshold", "0", "--top-k", "2",
+                 "--output-dir", str(tmp_path / "pred")]) == 0
+    out = capsys.readouterr().out
+    assert "answer: " in out and "supporting boxes: 2" in out
+    record = json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]
+    assert record["question"] == "how many red things are there?"
+    encode_clevr_answer(record["answer"], SHAPES_QA_ATTRIBUTES)
+    assert len(record["detections"]) == 2
