@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     data = prepare_data(out, args)
-    command = "python bench/smca_convergence.py " + " ".join(argv if argv is not None else [])
+    command = "python bench/smca_convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict = {"command": command,
                     "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                                 "torch": torch.__version__}, "tasks": {}}
