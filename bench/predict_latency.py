@@ -10,6 +10,12 @@ percentile latency per call and the throughput (batch / median latency). The ONN
 (dynamic image size and text length) unless ``--onnx`` names an exported file; its largest absolute
 difference from PyTorch float32 on the benchmark batch is recorded beside its timings.
 
+Beside the timings stand the model's FLOPs per image at each size (counted by
+``torch.utils.flop_counter.FlopCounterMode`` on one forward pass: matrix multiplies, convolutions and
+attention, 2 FLOPs per multiply-add) and the machine's measured matrix-multiply rate (a square GEMM in
+float32 and bf16 on the same threads), so that each row says what fraction of the hardware's rate it
+reaches. ``--flops-only`` measures just these two.
+
 The default model is ``mdetr_lite`` with its pretrained parts and an untrained transformer: latency does not
 depend on the weights. ``--checkpoint`` times a trained model instead.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -108,6 +115,30 @@ def onnx_agreement(model: torch.nn.Module, onnx_model: OnnxGroundingModel, proce
             for name in ("pred_logits", "pred_boxes")}
 
 
+def model_flops(model: torch.nn.Module, image: Image.Image, size: int) -> int:
+    """FLOPs of one forward pass on one image resized to short side ``size`` (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    processor = GroundingProcessor.for_model(model, image_size=size, max_size=2 * size)
+    inputs = processor([image], [CAPTION])
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(inputs["pixel_values"], inputs["pixel_mask"], inputs["tokenized"])
+    return int(counter.get_total_flops())
+
+
+def matmul_rate(dtype: torch.dtype, *, n: int = 2048, repeats: int = 10) -> float:
+    """The best of ``repeats`` timed n x n x n matrix multiplies on the current threads, in GFLOP/s."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def machine() -> dict[str, object]:
     import onnxruntime
 
@@ -121,11 +152,11 @@ def machine() -> dict[str, object]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| backend | short side (px) | batch | median (ms) | p90 (ms) | images/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| backend | short side (px) | batch | median (ms) | p90 (ms) | images/s | of matmul rate |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['short_side']} | {r['batch']} | {r['median_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.2f} |")
+                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.2f} | {100 * r['fraction_of_matmul_rate']:.0f} % |")
     return "\n".join(lines)
 
 
@@ -144,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--onnx", help="an exported model to time (default: export the model first)")
     parser.add_argument("--output", default="runs/predict_latency.json", help="JSON file to write")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="only count the model's FLOPs and measure the matrix-multiply rate")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or min(args.sizes) < 32:
         parser.error("--runs and --batch-sizes must be at least 1, --warmup at least 0, --sizes at least 32")
@@ -159,6 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     model = build_benchmark_model(args.checkpoint)
     image = scene(args.width, args.height)
+    flops = {size: model_flops(model, image, size) for size in args.sizes}
+    rates = {"float32": matmul_rate(torch.float32), "bfloat16": matmul_rate(torch.bfloat16)}
+    for size in args.sizes:
+        print(f"{size}px: {flops[size] / 1e9:.2f} GFLOP per image; at the float32 matmul rate "
+              f"({rates['float32']:.0f} GFLOP/s) {flops[size] / rates['float32'] / 1e6:.1f} ms, at bf16's "
+              f"({rates['bfloat16']:.0f} GFLOP/s) {flops[size] / rates['bfloat16'] / 1e6:.1f} ms", file=sys.stderr)
+    if args.flops_only:
+        args.backends = []
     onnx_model, export_s, workdir = None, None, None
     if "onnx" in args.backends:
         path = args.onnx
@@ -184,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
                 times = time_calls(predict, [image] * batch, [CAPTION] * batch, warmup=args.warmup,
                                    runs=args.runs)
                 row = {"backend": backend, "short_side": size, "batch": batch, **summarise(times, batch)}
+                # Fraction of the matrix-multiply rate of the precision the backend computes in.
+                rate = rates["bfloat16" if backend == "bfloat16" else "float32"]
+                row["fraction_of_matmul_rate"] = flops[size] * row["images_per_s"] / (rate * 1e9)
                 rows.append(row)
                 print(f"{backend:>8} {size:4d}px batch {batch}: median {row['median_ms']:.1f} ms, "
                       f"p90 {row['p90_ms']:.1f} ms, {row['images_per_s']:.2f} images/s", file=sys.stderr)
@@ -192,7 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "machine": machine(), "threads": args.threads, "model": args.checkpoint or "mdetr_lite (untrained)",
         "source_image": [args.width, args.height], "caption": CAPTION, "warmup": args.warmup,
-        "onnx_export_s": export_s, "onnx_max_abs_diff": agreement, "results": rows,
+        "onnx_export_s": export_s, "onnx_max_abs_diff": agreement, "gflop_per_image": {
+            size: round(f / 1e9, 3) for size, f in flops.items()},
+        "matmul_gflop_per_s": {k: round(v, 1) for k, v in rates.items()}, "results": rows,
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

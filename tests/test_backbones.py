@@ -345,3 +345,16 @@ def test_gradients_reach_the_stem_and_statistics_stay_fixed(name: str) -> None:
     for key, value in body.state_dict().items():
         if key in statistics:
             assert torch.equal(value, statistics[key]), key
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_bodies_stop_after_the_levels_asked_for(name: str, levels: int) -> None:
+    body = _body(name).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        full = body(x)
+        part = body(x, levels=levels)
+    assert list(part) == list(full)[:levels]
+    for key, value in part.items():
+        assert torch.equal(value, full[key]), key

@@ -59,3 +59,19 @@ def test_weights_of_another_architecture_are_one_error_naming_the_keys(tiny_chec
     model, _, _ = build(wider)
     with pytest.raises(CheckpointError, match=r"does not fit the model: .*shape mismatches .*query_embed.weight"):
         initialise_from(model, tiny_checkpoint)
+
+
+def test_new_heads_keep_their_initialisation_only_when_allowed(tiny_checkpoint, shapes_dir, tmp_path,
+                                                               tiny_overrides):
+    qa = load_config(None, tiny_overrides(shapes_dir, tmp_path / "run", "model.qa_dataset=clevr"))
+    model, _, _ = build(qa)
+    with pytest.raises(CheckpointError, match=r"missing keys .*qa_embed"):
+        initialise_from(model, tiny_checkpoint)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new = initialise_from(model, tiny_checkpoint, allow_new_heads=True)
+    assert new and all(k.startswith(("qa_embed", "answer_")) for k in new), new
+    source = load(tiny_checkpoint).state_dict()
+    after = model.state_dict()
+    for key in after:
+        expected = before[key] if key in new else source[key]
+        assert torch.equal(after[key], expected), key

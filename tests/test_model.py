@@ -146,3 +146,29 @@ def test_frozen_levels_and_parameter_groups(tiny_roberta):
     assert groups["backbone"]["lr"] == 1e-5 and groups["text_encoder"]["lr"] == 5e-5
     counted = sum(len(g["params"]) for g in groups.values())
     assert counted == len(trainable)
+
+
+def test_stages_past_the_transformer_level_are_skipped_and_frozen():
+    """mdetr_lite reads stride 16: EfficientNet's stride-32 stage never runs, so its weights are frozen
+    (keys kept for checkpoints) and every trainable parameter gets a gradient, as DDP wants."""
+    config = get_arch_config("mdetr_lite", backbone_pretrained=False, hidden_dim=64, enc_layers=1, dec_layers=1,
+                             dim_feedforward=64, num_queries=4)
+    model = MDETR(config)
+    body = model.backbone[0].body
+    last_used = body._feature_stages[config.backbone_level]
+    names = dict(model.named_parameters())
+    assert f"backbone.0.body.blocks.{last_used + 1}.0.conv_pw.weight" in names  # official keys kept
+    stage_of = {n: int(n.split(".")[4]) for n in names if n.startswith("backbone.0.body.blocks.")}
+    assert all(not names[n].requires_grad for n, s in stage_of.items() if s > last_used)
+    assert any(names[n].requires_grad for n, s in stage_of.items() if s == last_used)
+    out = model(torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool),
+                ["a red circle", "the blue square left of it"])
+    assert out.pred_boxes.shape == (2, 4, 4)
+    loss = out.pred_logits.logsumexp(-1).sum() + out.pred_boxes.sum()
+    for aux in out.aux_outputs or []:
+        loss = loss + aux.pred_logits.logsumexp(-1).sum() + aux.pred_boxes.sum()
+    if out.proj_queries is not None:
+        loss = loss + out.proj_queries.sum() + out.proj_tokens.sum()
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []

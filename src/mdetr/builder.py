@@ -124,13 +124,17 @@ def load(
     return model.to(device).eval()
 
 
-def initialise_from(model: nn.Module, source: str | Path) -> None:
+def initialise_from(model: nn.Module, source: str | Path, *, allow_new_heads: bool = False) -> list[str]:
     """Copy every weight of ``source`` into ``model``: the start of a fine-tuning run.
 
     source: an official MDETR ``.pth`` file (the official key layout is the model's own; its EMA weights
-        when it has them, as the official ``--load``), a checkpoint
-        folder of ``mdetr train`` or ``mdetr convert`` (its model weights, not the EMA), a pack, or a bundled
-        model name. Missing or unexpected keys and shape mismatches are one error listing them.
+        when it has them, as the official ``--load``), a checkpoint folder of ``mdetr train`` or
+        ``mdetr convert`` (its model weights, not the EMA), a pack, or a bundled model name.
+    allow_new_heads: the model may have parameters the source lacks (e.g. QA queries and answer heads added
+        to a detection model); they keep their initialisation and their names are returned. Unexpected keys
+        and shape mismatches are errors either way.
+
+    Anything that does not fit is one :class:`CheckpointError` listing the keys.
     """
     path = Path(source)
     if not path.exists():
@@ -147,7 +151,12 @@ def initialise_from(model: nn.Module, source: str | Path) -> None:
             tensors = model_state(load(path))
         else:
             tensors = read_tensors(path / MODEL_FILE, doc)
+    new = sorted(set(model.state_dict()) - set(tensors)) if allow_new_heads else []
+    if new:
+        current = model.state_dict()
+        tensors = {**tensors, **{k: current[k] for k in new}}
     load_state_dict_strict(model, tensors, source=path)
+    return new
 
 
 __all__ = ["build", "build_model", "initialise_from", "load", "LossConfig"]

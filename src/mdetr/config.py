@@ -294,6 +294,9 @@ class TrainConfig:
     # whose architecture model.arch names (e.g. pretrained_resnet101_checkpoint.pth with mdetr_resnet101).
     # Every key must fit; optimizer, schedule and epoch start afresh. Ignored on --resume.
     init_weights: str = ""
+    # Let the model have parameters init_weights lacks (new heads, e.g. QA on a detection model), as the
+    # official --load (strict=False); they keep their initialisation and are listed in the log.
+    init_allow_new_heads: bool = False
     # A batch whose loss or gradient is NaN or infinite is skipped (no optimizer update) and counted in
     # the log; this many such batches in a row stop the run with an error naming the last batch's images.
     max_nonfinite_in_a_row: int = 5

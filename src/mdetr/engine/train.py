@@ -223,8 +223,10 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
         out.mkdir(parents=True, exist_ok=True)
     model, criterion, weights = task.build(config)  # may complete the config (detection: the classes)
     if tc.init_weights and resume is None:
-        initialise_from(model, tc.init_weights)
-        echo(f"initialised the model from {tc.init_weights}")
+        new = initialise_from(model, tc.init_weights, allow_new_heads=tc.init_allow_new_heads)
+        echo(f"initialised the model from {tc.init_weights}"
+             + (f"; {len(new)} new parameter(s) keep their initialisation: {', '.join(new[:8])}"
+                + (" ..." if len(new) > 8 else "") if new else ""))
     if ctx.is_main:
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)

@@ -97,7 +97,9 @@ class SMCADetector(nn.Module):
                                    dilation=config.dilation)
         freeze_backbone_levels(body, config.backbone_frozen_levels)
         position = PositionEmbeddingSine(num_pos_feats=d // 2, normalize=True)
-        self.backbone = Joiner(BackboneWithMask(body), position)
+        # The multi-scale encoder reads strides 16 and 32; otherwise only the transformer's level is computed.
+        used = len(body.channels) if config.smca_multiscale else config.backbone_level + 1
+        self.backbone = Joiner(BackboneWithMask(body, num_levels=used), position)
         if config.smca_multiscale:
             self._build_multiscale(body, config)
         else:

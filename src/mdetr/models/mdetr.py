@@ -58,14 +58,19 @@ class MDETROutput:
 class BackboneWithMask(nn.Module):
     """Runs a backbone body and resizes the padding mask to each feature level (nearest)."""
 
-    def __init__(self, body: nn.Module) -> None:
+    def __init__(self, body: nn.Module, *, num_levels: int | None = None) -> None:
         super().__init__()
         self.body = body
         self.channels: list[int] = list(body.channels)
         self.strides: list[int] = list(body.strides)
+        # Only the first num_levels feature levels are computed: a model reading stride 16 skips the
+        # stride-32 stage (about a quarter of EfficientNet-Lite0's work). Its weights stay in the state dict
+        # (checkpoints keep their keys) but are frozen, since nothing they compute is used.
+        self.num_levels = num_levels or len(self.channels)
+        freeze_levels_from(body, self.num_levels)
 
     def forward(self, images: Tensor, masks: Tensor) -> list[tuple[Tensor, Tensor]]:
-        features = self.body(images)
+        features = self.body(images, levels=self.num_levels)
         out = []
         for feat in features.values():
             mask = F.interpolate(masks[None].float(), size=feat.shape[-2:])[0].to(torch.bool)
@@ -86,6 +91,24 @@ class Joiner(nn.Sequential):
         return [(feat, mask, self[1](mask).to(feat.dtype)) for feat, mask in self[0](images, masks)]
 
 
+def _stage_prefixes_from(body: nn.Module, level: int) -> tuple[str, ...]:
+    """Parameter-name prefixes of the body's stages that only feed feature levels ``level`` and above."""
+    if hasattr(body, "_feature_stages"):  # EfficientNet: blocks after the stage that ends level - 1
+        last = body._feature_stages[level - 1]
+        return tuple(f"blocks.{s}." for s in range(last + 1, len(body.blocks)))
+    return tuple(f"layer{i}." for i in range(level + 1, 5))  # ResNet: layer{level+1} .. layer4
+
+
+def freeze_levels_from(body: nn.Module, num_levels: int) -> None:
+    """Freeze the stages the first ``num_levels`` feature levels do not need (the body never runs them)."""
+    if num_levels >= len(body.channels):
+        return
+    unused = _stage_prefixes_from(body, num_levels)
+    for name, p in body.named_parameters():
+        if name.startswith(unused):
+            p.requires_grad_(False)
+
+
 def freeze_backbone_levels(body: nn.Module, levels: int) -> None:
     """Stop gradients to the stem and the first ``levels`` feature levels (-1: the whole body).
 
@@ -93,13 +116,7 @@ def freeze_backbone_levels(body: nn.Module, levels: int) -> None:
     """
     if levels == 0:
         return
-    if levels < 0 or levels >= 4:
-        trainable: tuple[str, ...] = ()
-    elif hasattr(body, "_feature_stages"):  # EfficientNet: blocks.{stage} up to the level's last stage
-        last = body._feature_stages[levels - 1]
-        trainable = tuple(f"blocks.{s}." for s in range(last + 1, len(body.blocks)))
-    else:  # ResNet: layer{levels+1} .. layer4 stay trainable
-        trainable = tuple(f"layer{i}." for i in range(levels + 1, 5))
+    trainable = () if levels < 0 or levels >= 4 else _stage_prefixes_from(body, levels)
     for name, p in body.named_parameters():
         if not name.startswith(trainable) or not trainable:
             p.requires_grad_(False)
@@ -120,7 +137,10 @@ class MDETR(nn.Module):
         d = config.hidden_dim
         body = build_backbone_body(config.backbone, pretrained=config.backbone_pretrained, dilation=config.dilation)
         freeze_backbone_levels(body, config.backbone_frozen_levels)
-        self.backbone = Joiner(BackboneWithMask(body), PositionEmbeddingSine(num_pos_feats=d // 2, normalize=True))
+        # The mask head reads every level; otherwise nothing past the transformer's level is computed.
+        used = len(body.channels) if config.masks else config.backbone_level + 1
+        self.backbone = Joiner(BackboneWithMask(body, num_levels=used),
+                               PositionEmbeddingSine(num_pos_feats=d // 2, normalize=True))
         self.transformer = Transformer(
             d_model=d,
             nhead=config.nheads,

@@ -195,6 +195,10 @@ class Transformer(nn.Module):
         if freeze_text_encoder:
             for p in self.text_encoder.parameters():
                 p.requires_grad_(False)
+        # The encoder's pooler (kept: it is part of the official key layout) feeds nothing MDETR reads.
+        pooler = getattr(self.text_encoder, "pooler", None)
+        if pooler is not None:
+            pooler.requires_grad_(False)
         self.resizer = FeatureResizer(
             input_dim=self.text_encoder.config.hidden_size, output_dim=d_model, dropout=0.1
         )

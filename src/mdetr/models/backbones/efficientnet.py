@@ -344,27 +344,26 @@ class EfficientNetBody(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Run the stem and the blocks.
+    def forward(self, x: Tensor, *, levels: int = 4) -> dict[str, Tensor]:
+        """Run the stem and the blocks, up to the last one the first ``levels`` feature levels need.
 
         Args:
             x: ``(B, 3, H, W)`` images normalised with ImageNet mean and std.
 
         Returns:
-            ``{"layer1": (B, channels[0], H/4, W/4), ..., "layer4": (B, channels[3], H/32, W/32)}``;
-            sizes are rounded up.
+            ``{"layer1": (B, channels[0], H/4, W/4), ..., "layer4": (B, channels[3], H/32, W/32)}``
+            (the first ``levels`` of them); sizes are rounded up.
         """
         if self.config.input_affine is not None:
             x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
         x = self.act1(self.bn1(self.conv_stem(x)))
         features: dict[str, Tensor] = {}
-        levels = dict(zip(self._feature_stages, FEATURE_LEVEL_NAMES, strict=True))
-        for index, stage in enumerate(self.blocks):
+        names = dict(zip(self._feature_stages, FEATURE_LEVEL_NAMES, strict=True))
+        last = self._feature_stages[levels - 1]
+        for index, stage in enumerate(self.blocks[: last + 1]):
             x = stage(x)
-            if index in levels:
-                features[levels[index]] = x
-            if len(features) == len(levels):
-                break
+            if index in names:
+                features[names[index]] = x
         return features
 
 

@@ -174,19 +174,20 @@ class ResNetBody(nn.Module):
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """Run the stem and the four stages.
+    def forward(self, x: Tensor, *, levels: int = 4) -> dict[str, Tensor]:
+        """Run the stem and the first ``levels`` stages.
 
         Args:
             x: ``(B, 3, H, W)`` images normalised with ImageNet mean and std.
 
         Returns:
-            ``{"layer1": (B, channels[0], H/4, W/4), ..., "layer4": (B, channels[3], H/s, W/s)}`` with
-            ``s = strides[3]`` (32, or 16 when the last stage is dilated); sizes are rounded up.
+            ``{"layer1": (B, channels[0], H/4, W/4), ..., "layer4": (B, channels[3], H/s, W/s)}`` (the first
+            ``levels`` of them) with ``s = strides[3]`` (32, or 16 when the last stage is dilated); sizes are
+            rounded up.
         """
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         features: dict[str, Tensor] = {}
-        for name in FEATURE_LEVEL_NAMES:
+        for name in FEATURE_LEVEL_NAMES[:levels]:
             x = getattr(self, name)(x)
             features[name] = x
         return features
