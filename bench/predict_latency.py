@@ -123,7 +123,7 @@ def model_flops(model: torch.nn.Module, image: Image.Image, size: int) -> int:
     inputs = processor([image], [CAPTION])
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        model(inputs["pixel_values"], inputs["pixel_mask"], inputs["tokenized"])
+        model(inputs["pixel_values"], inputs["pixel_mask"], [CAPTION])
     return int(counter.get_total_flops())
 
 

@@ -68,6 +68,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", choices=["model", "ema"], default="model")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none",
+                        help="bf16 autocast for the forward passes (its accuracy cost: BENCHMARKS.md)")
     parser.add_argument("--output", help="write the metrics as JSON here")
     parser.add_argument("--task", choices=["grounding", "detection", "flickr", "refexp", "lvis"],
                         help="detection: COCO AP with categories (--ann is a COCO detection file); flickr, "
@@ -104,7 +106,10 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     if names:
         evaluators["refexp"] = RefExpEvaluator(dataset.ground_truth, dataset_names=names, overlap=args.overlap)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
-    metrics = evaluate(model, loader, evaluators, device=args.device, progress=True)
+    import torch
+
+    with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+        metrics = evaluate(model, loader, evaluators, device=args.device, progress=True)
     print(format_metrics(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
