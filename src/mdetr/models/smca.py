@@ -48,6 +48,16 @@ from mdetr.models.heads import MLP
 from mdetr.models.transformer import _clones, _with_pos
 
 SCALE_OPTIONS = ("fixed", "single", "independent")
+
+
+def check_prior_options(scale: str, beta: float) -> None:
+    """Refuse a scale option outside :data:`SCALE_OPTIONS` or a non-positive bandwidth."""
+    if scale not in SCALE_OPTIONS:
+        raise ValueError(f"SMCA scale must be one of {SCALE_OPTIONS}, got {scale!r}")
+    if beta <= 0:
+        raise ValueError(f"SMCA beta must be positive, got {beta}")
+
+
 # Lower bound of s^2 in Eq. 4: a predicted scale near zero would make log G -inf off the centre.
 MIN_SCALE_SQ = 1e-2
 
@@ -217,10 +227,7 @@ class SMCADecoderLayer(nn.Module):
         beta: float = 8.0,
     ) -> None:
         super().__init__()
-        if scale not in SCALE_OPTIONS:
-            raise ValueError(f"SMCA scale must be one of {SCALE_OPTIONS}, got {scale!r}")
-        if beta <= 0:
-            raise ValueError(f"SMCA beta must be positive, got {beta}")
+        check_prior_options(scale, beta)
         self.beta = beta
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.cross_attn_image = ModulatedMultiheadAttention(d_model=d_model, nhead=nhead, dropout=dropout)

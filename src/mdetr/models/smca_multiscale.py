@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdetr.models.smca import (
-    SCALE_OPTIONS,
     SMCADecoder,
     SpatialPrior,
+    check_prior_options,
     gaussian_log_weight,
     valid_feature_size,
 )
@@ -175,10 +175,7 @@ class ScaleSelectionDecoderLayer(nn.Module):
         beta: float = 8.0,
     ) -> None:
         super().__init__()
-        if scale not in SCALE_OPTIONS:
-            raise ValueError(f"SMCA scale must be one of {SCALE_OPTIONS}, got {scale!r}")
-        if beta <= 0:
-            raise ValueError(f"SMCA beta must be positive, got {beta}")
+        check_prior_options(scale, beta)
         self.beta = beta
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.cross_attn_image = ScaleSelectionAttention(
