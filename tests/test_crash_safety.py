@@ -227,6 +227,7 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_equals_uninterrupted(shapes_
     assert process.returncode == -signal.SIGKILL, output
     assert json.loads((crashed / "last" / STATE_FILE).read_text())["state"]["epoch"] == 0
     assert (crashed / "last.tmp").exists()
+    minutes_at_crash = json.loads((crashed / "last" / STATE_FILE).read_text())["state"]["minutes"]
     # 2. Resumed, then killed after the first step of epoch 1.
     logged = len((crashed / "log.jsonl").read_text().splitlines())
     process = _mdetr_train(_tiny_crash_overrides(*data, crashed), resume=crashed / "last")
@@ -247,6 +248,9 @@ def test_sigkill_mid_save_and_mid_epoch_then_resume_equals_uninterrupted(shapes_
         assert tensors_a[name].keys() == tensors_b[name].keys()
         for key, value in tensors_a[name].items():
             assert torch.equal(value, tensors_b[name][key]), (name, key)
+    # Training minutes (the time budget's clock) run on across resumes; everything else is identical.
+    minutes_a, minutes_b = doc_a["state"].pop("minutes"), doc_b["state"].pop("minutes")
+    assert minutes_a > 0 and minutes_b > minutes_at_crash > 0
     assert doc_a["state"] == doc_b["state"] == {"epoch": 2, "step": 9, "best": -float("inf")}
     assert doc_a["optimizer"] == doc_b["optimizer"]  # learning rates (schedule position) and hyper-parameters
     assert doc_a["rng"] == doc_b["rng"]  # Python, NumPy and torch generators

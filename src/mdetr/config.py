@@ -275,6 +275,10 @@ class TrainConfig:
     schedule: str = "linear_with_warmup"
     lr_drop: int = 35
     warmup_fraction: float = 0.01
+    # What the schedule counts: "steps" (epochs x steps per epoch), or "minutes": with max_minutes set, the
+    # schedule runs at the pace of whichever is further along, the steps or the time budget, so a run that
+    # the budget stops still finishes its warm-up, decay and lr drops (budgeted training).
+    schedule_clock: str = "steps"
     ema: bool = False
     ema_decay: float = 0.9998
     seed: int = 42
@@ -283,7 +287,8 @@ class TrainConfig:
     eval_every: int = 1
     # Also keep a copy of the checkpoint as epoch_NNNN/ every this many epochs (0: only last/ and best/).
     keep_every: int = 0
-    # Stop training (after finishing the current step, then evaluate and save) after this many minutes; 0: no limit.
+    # Stop training (after finishing the current step, then evaluate and save) after this many minutes of
+    # training, counted over the whole run (a resumed run continues the count); 0: no limit.
     max_minutes: float = 0.0
     log_every: int = 10
     threads: int = 0
@@ -312,6 +317,10 @@ class TrainConfig:
             raise ConfigError(f"train.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.accumulate_steps < 1:
             raise ConfigError(f"train.accumulate_steps must be at least 1, got {self.accumulate_steps}")
+        if self.schedule_clock not in ("steps", "minutes"):
+            raise ConfigError(f"train.schedule_clock must be steps or minutes, got {self.schedule_clock!r}")
+        if self.schedule_clock == "minutes" and self.max_minutes <= 0:
+            raise ConfigError("train.schedule_clock=minutes needs a time budget: set train.max_minutes > 0")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError("train.warmup_fraction must be in [0, 1)")
         if not 0 < self.ema_decay < 1:

@@ -259,7 +259,8 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
         raise ValueError(f"the training set has {len(train_set)} entries, fewer than one batch of "
                          f"{config.data.batch_size}{per}")
     total_steps = steps_per_epoch * tc.epochs
-    started = time.monotonic()
+    # The clock of the time budget (and of the "minutes" schedule) runs on from where a resumed run stopped.
+    started = time.monotonic() - (state["minutes"] * 60 if resume is not None and "minutes" in state else 0.0)
     last_metrics: dict[str, Any] = {}
     epoch = start_epoch - 1
     for epoch in range(start_epoch, tc.epochs):
@@ -273,7 +274,7 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
             epoch=epoch, step=step, total_steps=total_steps, started=started, log=log, progress=progress,
             faults=faults,
         )
-        state = {"epoch": epoch, "step": step, "best": best}
+        state = {"epoch": epoch, "step": step, "best": best, "minutes": (time.monotonic() - started) / 60}
         if scaler.is_enabled():
             state["grad_scaler"] = scaler.state_dict()
         evaluate_now = (epoch + 1) % tc.eval_every == 0 or out_of_time or epoch + 1 == tc.epochs
@@ -478,17 +479,20 @@ def _accumulation_groups(batches: Iterable[Batch], size: int, faults: FaultTrack
         yield [b.to(device, non_blocking=True) for b in group if len(b)]
 
 
-def _reduce_step(loss: Tensor, losses: dict[str, Tensor], images: int, out_of_time: bool,
-                 ctx: DistributedContext) -> tuple[Tensor, dict[str, Tensor], int, bool]:
+def _reduce_step(loss: Tensor, losses: dict[str, Tensor], images: int, minutes: float, max_minutes: float,
+                 ctx: DistributedContext) -> tuple[Tensor, dict[str, Tensor], int, float, bool]:
     """One all-reduce for the step's numbers: loss and named losses averaged over ranks (the global batch's
-    losses), images summed, out of time if any rank's clock says so (so all ranks stop together)."""
+    losses), images summed, minutes of training averaged (one clock for the schedule on every rank), out of
+    time if any rank's clock says so (so all ranks stop together)."""
     keys = sorted(losses)
-    packed = torch.stack([loss.float(), *(losses[k].float() for k in keys),
-                          loss.new_tensor(float(images)), loss.new_tensor(float(out_of_time))])
+    out_of_time = bool(max_minutes) and minutes >= max_minutes
+    packed = torch.stack([loss.float(), *(losses[k].float() for k in keys), loss.new_tensor(float(images)),
+                          loss.new_tensor(minutes), loss.new_tensor(float(out_of_time))])
     packed = reduce_sum(packed, ctx)
     world = ctx.world_size
     named = {k: packed[1 + i] / world for i, k in enumerate(keys)}
-    return packed[0] / world, named, int(packed[-2].item()), bool(packed[-1].item() > 0)
+    return (packed[0] / world, named, int(packed[-3].item()), float(packed[-2].item()) / world,
+            bool(packed[-1].item() > 0))
 
 
 def _train_one_epoch(task: TrainingTask, ddp_model: nn.Module, model: nn.Module, criterion, weights, loader,
@@ -509,7 +513,6 @@ def _train_one_epoch(task: TrainingTask, ddp_model: nn.Module, model: nn.Module,
     window_start, window_images = time.monotonic(), 0
     out_of_time = False
     for group in _accumulation_groups(batches, tc.accumulate_steps, faults, device=ctx.device):
-        adjust_learning_rate(optimizer, tc, epoch=epoch, step=step, total_steps=total_steps)
         optimizer.zero_grad(set_to_none=True)
         accumulated = accumulate_gradients(task, ddp_model, criterion, weights, group, ctx=ctx, amp=tc.amp,
                                            scaler=scaler)
@@ -521,9 +524,11 @@ def _train_one_epoch(task: TrainingTask, ddp_model: nn.Module, model: nn.Module,
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_max_norm)
         else:
             grad_norm = gradient_norm(model.parameters())
-        timed_out = bool(tc.max_minutes) and (time.monotonic() - started) / 60 >= tc.max_minutes
         images = sum(len(b) for b in group)
-        loss, losses, images, out_of_time = _reduce_step(*accumulated, images, timed_out, ctx)
+        loss, losses, images, minutes, out_of_time = _reduce_step(
+            *accumulated, images, (time.monotonic() - started) / 60, tc.max_minutes, ctx)
+        adjust_learning_rate(optimizer, tc, **_schedule_position(tc, epoch=epoch, step=step,
+                                                                 total_steps=total_steps, minutes=minutes))
         # fp16: an overflowing gradient under a finite loss is the loss scale's business: the scaler skips
         # the update and lowers the scale.
         overflow = scaler.is_enabled() and bool(torch.isfinite(loss)) and not bool(torch.isfinite(grad_norm))
@@ -548,6 +553,19 @@ def _train_one_epoch(task: TrainingTask, ddp_model: nn.Module, model: nn.Module,
         if out_of_time:
             break
     return step, out_of_time
+
+
+def _schedule_position(tc: TrainConfig, *, epoch: int, step: int, total_steps: int,
+                       minutes: float) -> dict[str, int]:
+    """Where the learning-rate schedule stands after ``minutes`` of training: the true epoch and step, or with
+    ``schedule_clock=minutes`` the position the spent fraction of the time budget corresponds to, if that is
+    further along."""
+    if tc.schedule_clock != "minutes":
+        return {"epoch": epoch, "step": step, "total_steps": total_steps}
+    spent = min(1.0, minutes / tc.max_minutes)
+    step = max(step, int(spent * total_steps))
+    epoch = max(epoch, step * tc.epochs // total_steps)
+    return {"epoch": epoch, "step": step, "total_steps": total_steps}
 
 
 def _log_step(log: JsonlLog, bar, optimizer, loss: Tensor, losses: dict[str, Tensor], faults: FaultTracker,
