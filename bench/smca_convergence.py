@@ -79,6 +79,7 @@ def common_overrides(args: argparse.Namespace, out: Path) -> list[str]:
     return [f"train.epochs={args.epochs}", f"train.max_minutes={args.minutes}",
             f"train.threads={args.threads}",
             f"train.output_dir={out}", "train.eval_every=1", "train.overwrite=true", "train.schedule=step",
+            "train.schedule_clock=steps",
             f"train.lr_drop={max(1, args.epochs - 1)}", f"train.seed={args.seed}", *args.overrides]
 
 
