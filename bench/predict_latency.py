@@ -8,7 +8,9 @@ forward pass and post-processing to pixel boxes, scores and phrases. For each ba
 size the script runs ``--warmup`` untimed calls, then ``--runs`` timed ones, and reports the median and 90th
 percentile latency per call and the throughput (batch / median latency). The ONNX model is exported once
 (dynamic image size and text length) unless ``--onnx`` names an exported file; its largest absolute
-difference from PyTorch float32 on the benchmark batch is recorded beside its timings.
+difference from PyTorch float32 on the benchmark batch is recorded beside its timings. The PyTorch backends
+run the Predictor as users get it (backbone batch norms folded, channels-last: mdetr.inference.optimize);
+``float32_plain`` runs the unmodified model for comparison.
 
 Beside the timings stand the model's FLOPs per image at each size (counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass: matrix multiplies, convolutions and
@@ -45,7 +47,9 @@ from mdetr.inference.processor import GroundingProcessor, post_process_grounded_
 from mdetr.registry import get_arch_config
 
 CAPTION = "the small red circle left of the blue square"
-BACKENDS = ("float32", "bfloat16", "onnx")
+# "float32_plain": the model as trained, without the inference rewrites of mdetr.inference.optimize
+# (folded batch norms, channels-last backbone) that the Predictor applies by default.
+BACKENDS = ("float32", "bfloat16", "onnx", "float32_plain")
 
 PredictFn = Callable[[list[Image.Image], list[str]], list]
 
@@ -67,8 +71,10 @@ def build_benchmark_model(checkpoint: str | None) -> torch.nn.Module:
     return build_model(get_arch_config("mdetr_lite")).eval()
 
 
-def torch_predictor(model: torch.nn.Module, size: int, dtype: str, threshold: float) -> PredictFn:
-    predictor = Predictor(model, image_size=size, max_size=2 * size, dtype=dtype)
+def torch_predictor(model: torch.nn.Module, size: int, backend: str, threshold: float) -> PredictFn:
+    dtype = "float32" if backend == "float32_plain" else backend
+    predictor = Predictor(model, image_size=size, max_size=2 * size, dtype=dtype,
+                          optimize=backend != "float32_plain")
     return lambda images, texts: predictor.predict_batch(images, texts, threshold=threshold)
 
 

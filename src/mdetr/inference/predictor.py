@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from mdetr.inference.optimize import optimize_for_inference
 from mdetr.inference.postprocess import Grounding
 from mdetr.inference.processor import (
     ClassPrompt,
@@ -66,25 +67,31 @@ class Predictor:
     Images are resized so their shorter side is ``image_size`` (long side at most ``max_size``; 0 keeps the
     size), normalised as in training, padded into a batch; boxes come back in the original pixels.
     ``dtype="bfloat16"`` runs the forward pass under bf16 autocast; predictions are returned in float32.
+    ``optimize`` (default) runs a copy of the model with the backbone's batch norms folded into its
+    convolutions and channels-last layout (:func:`mdetr.inference.optimize.optimize_for_inference`: the same
+    outputs up to float rounding, about twice as fast a backbone on CPU); the copy is taken here, so later
+    changes to ``model``'s weights need a new Predictor.
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
-                 device: str | torch.device = "cpu", dtype: str = "float32") -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32", optimize: bool = True) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
+        self._runner = optimize_for_inference(self.model) if optimize else self.model
         self.processor = GroundingProcessor.for_model(model, image_size=image_size, max_size=max_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", weights: str = "model",
-                        dtype: str = "float32") -> Predictor:
+                        dtype: str = "float32", optimize: bool = True) -> Predictor:
         from mdetr.builder import load
 
         model = load(path, weights=weights, device=device)
         data = model.train_config.data
-        return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype)
+        return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype,
+                   optimize=optimize)
 
     @property
     def image_size(self) -> int:
@@ -101,7 +108,7 @@ class Predictor:
                  text: list[str] | EncodedText) -> MDETROutput:
         """The model on a (B, 3, H, W) batch and (B, H, W) mask; logits and boxes returned as float32."""
         with self._autocast():
-            outputs = self.model(images.to(self.device), masks.to(self.device), text)
+            outputs = self._runner(images.to(self.device), masks.to(self.device), text)
         outputs.pred_logits = outputs.pred_logits.float()
         outputs.pred_boxes = outputs.pred_boxes.float()
         return outputs

@@ -1,0 +1,73 @@
+"""The inference copy (folded batch norms, channels-last backbone) computes what the model computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mdetr.inference.optimize import fold_frozen_batchnorm, optimize_for_inference
+from mdetr.inference.predictor import Predictor
+from mdetr.models.backbones.frozen_bn import FrozenBatchNorm2d
+from mdetr.models.backbones.resnet import build_resnet_body
+
+
+def _randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for bn in module.modules():
+        if isinstance(bn, FrozenBatchNorm2d):
+            n = bn.num_features
+            bn.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+            bn.bias.copy_(torch.randn(n, generator=generator))
+            bn.running_mean.copy_(torch.randn(n, generator=generator))
+            bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+
+
+def test_folding_a_resnet_keeps_its_features() -> None:
+    torch.manual_seed(0)
+    body = build_resnet_body("resnet18").eval()
+    _randomise_batchnorm(body, seed=1)
+    images = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = body(images)
+        # 1 stem + 2 per basic block x 8 + 3 downsample branches
+        assert fold_frozen_batchnorm(body) == 20
+        assert not any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+        folded = body(images)
+    for name, value in expected.items():
+        torch.testing.assert_close(folded[name], value, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def lite_model():
+    """mdetr_lite with its ImageNet backbone and MiniLM (both from PyPI), transformer at random."""
+    from mdetr.builder import build_model
+    from mdetr.registry import get_arch_config
+
+    torch.manual_seed(0)
+    return build_model(get_arch_config("mdetr_lite")).eval()
+
+
+def test_optimized_copy_gives_the_models_outputs(lite_model) -> None:
+    fast = optimize_for_inference(lite_model)
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in fast.backbone[0].body.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in lite_model.modules())  # the original is untouched
+    images, masks = torch.randn(2, 3, 160, 224), torch.zeros(2, 160, 224, dtype=torch.bool)
+    masks[1, :, 200:] = True  # a padded image
+    captions = ["a red circle", "the small blue square left of the star"]
+    with torch.no_grad():
+        expected, got = lite_model(images, masks, captions), fast(images, masks, captions)
+    torch.testing.assert_close(got.pred_logits, expected.pred_logits, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=0, atol=1e-5)
+
+
+def test_predictor_results_do_not_depend_on_the_optimisation(lite_model) -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (150, 210, 3), dtype=np.uint8))
+    runs = [Predictor(lite_model, image_size=160, max_size=256, optimize=flag).predict(image, "a red circle",
+                                                                                       threshold=0.0, top_k=5)
+            for flag in (False, True)]
+    plain, fast = runs
+    torch.testing.assert_close(torch.as_tensor(fast.boxes), torch.as_tensor(plain.boxes), rtol=0, atol=1e-2)
+    torch.testing.assert_close(torch.as_tensor(fast.scores), torch.as_tensor(plain.scores), rtol=0, atol=1e-4)
