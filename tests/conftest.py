@@ -95,3 +95,30 @@ def tiny_checkpoint(shapes_dir, tmp_path_factory):
     overrides = _tiny_overrides(shapes_dir, out / "run", "train.epochs=1")
     assert main(["train", "--config", str(config), "--no-progress", *overrides]) == 0
     return out / "run" / "last"
+
+
+def tiny_model_overrides(text_encoder, output_dir, *extra):
+    """``mdetr train`` overrides for a seconds-long run of a tiny untrained MDETR (ResNet-18 without
+    ImageNet weights, 32 wide, 1 + 2 layers, 4 queries) with ``text_encoder`` (e.g. the ``roberta_like``
+    folder) on images of about 64 px; the data files come in ``extra``."""
+    return [
+        "model.backbone=resnet18", "model.backbone_pretrained=false", f"model.text_encoder={text_encoder}",
+        "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1", "model.dec_layers=2",
+        "model.dim_feedforward=64", "model.num_queries=4", "model.dropout=0.0",
+        "data.scales=[48]", "data.crop_scales=[48]", "data.crop_min=40", "data.crop_max=48",
+        "data.val_size=0",
+        "data.max_size=96", "data.batch_size=3", f"train.output_dir={output_dir}", "train.epochs=1",
+        "train.log_every=1", *extra,
+    ]
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test's tiny models on one CPU thread (faster for them, and no contention with other work on
+    the machine); the thread count is restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -156,7 +156,7 @@ def test_contradictory_task_options_are_rejected(overrides, message):
         ModelConfig(**overrides).validate()
 
 
-def test_training_task_heads_is_refused_for_now():
+def test_building_gqa_heads_without_answer_vocabularies_says_where_they_come_from():
     config = Config(model=ModelConfig(qa_dataset="gqa", backbone_pretrained=False))
-    with pytest.raises(ConfigError, match="QA heads is not supported yet"):
+    with pytest.raises(ConfigError, match=r"answer vocabularies in model.qa_answers .*data.train_ann"):
         build(config)

@@ -172,3 +172,30 @@ def test_stages_past_the_transformer_level_are_skipped_and_frozen():
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
+
+
+def test_backbone_levels_compute_mask_and_position_on_demand(tiny_roberta):
+    """Only the levels a model reads get a resized mask and a sine embedding, and they equal the direct
+    computation (nearest resize of the padding mask, then the embedding of that mask)."""
+    import torch.nn.functional as F
+
+    model = MDETR(_tiny(tiny_roberta)).eval()
+    calls = []
+    model.backbone[1].register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    images = torch.randn(2, 3, 96, 128)
+    masks = torch.zeros(2, 96, 128, dtype=torch.bool)
+    masks[1, :, 64:] = True
+    masks[1, 48:] = True
+    with torch.no_grad():
+        levels = model.backbone(images, masks)
+        assert len(levels) == 4 and not calls  # features only, so far
+        feat, mask, pos = levels[-1]
+        assert len(calls) == 1
+        expected_mask = F.interpolate(masks[None].float(), size=feat.shape[-2:])[0].bool()
+        assert torch.equal(mask, expected_mask) and mask[1].any() and not mask[0].any()
+        torch.testing.assert_close(pos, model.backbone[1](expected_mask), rtol=0, atol=0)
+        assert levels[-1].pos is pos and len(calls) == 2  # computed once (the second call is the check's)
+        model(images, masks, ["a red circle", "a cube"])
+    assert len(calls) == 3  # a forward pass embeds its one transformer level
+    with pytest.raises(IndexError):
+        levels[-1][3]

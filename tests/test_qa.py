@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from mdetr.builder import build
-from mdetr.config import Config, ConfigError, ModelConfig
+from mdetr.config import Config, ConfigError, LossConfig, ModelConfig
 from mdetr.data.shapes import COLORS, SHAPES
 from mdetr.data.shapes_qa import FAMILIES, SHAPES_QA_ATTRIBUTES, generate_shapes_qa
 from mdetr.engine.qa import qa_accuracy
+from mdetr.losses.criterion import total_loss
 from mdetr.losses.qa import (
     ClevrQACriterion,
     answer_targets,
@@ -111,9 +112,55 @@ def test_accuracy_on_hand_computed_cases():
         qa_accuracy(["yes"], ["yes", "no"])
 
 
-def test_gqa_training_and_masks_stay_refused():
-    with pytest.raises(ConfigError, match="GQA QA heads is not supported yet"):
+def test_gqa_training_needs_answer_vocabularies_and_says_where_they_come_from():
+    from mdetr.engine.gqa import resolve_answer_vocab
+
+    # building the criterion without vocabularies names the setting and how mdetr train fills it
+    with pytest.raises(ConfigError, match=r"model\.qa_answers.*data\.train_ann"):
         build(Config(model=ModelConfig(qa_dataset="gqa", backbone_pretrained=False)))
+    # the training task, without a training file to build them from, says what to set
+    with pytest.raises(ConfigError, match=r"set data\.train_ann .* or model\.qa_answers"):
+        resolve_answer_vocab(Config(model=ModelConfig(qa_dataset="gqa")))
+    # a malformed vocabulary is refused with the keys it needs
+    with pytest.raises(ConfigError, match="must map attr, cat, global, obj, rel"):
+        ModelConfig(qa_dataset="gqa", qa_answers={"obj": ["yes"]}).validate()
+    # the segmentation model has no answer heads
+    with pytest.raises(ConfigError, match="model.masks=true"):
+        ModelConfig(qa_dataset="gqa", masks=True, contrastive_align=False).validate()
+
+
+def test_gqa_training_builds_heads_and_weighted_losses_from_the_vocabularies(roberta_like):
+    answers = {"obj": ["yes", "no", "unknown"], "attr": ["red", "unknown"], "rel": ["table", "unknown"],
+               "global": ["indoors", "unknown"], "cat": ["fruit", "animal", "unknown"]}
+    model_config = ModelConfig(qa_dataset="gqa", qa_answers=answers, backbone="resnet18",
+                               backbone_pretrained=False, text_encoder=roberta_like, hidden_dim=32, nheads=4,
+                               enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=4, aux_loss=False)
+    model, criterion, weights = build(Config(model=model_config, loss=LossConfig(qa_loss_coef=25.0)))
+    sizes = {s.name: s.num_outputs for s in model.answer_specs}
+    assert sizes == {"answer_type": 5, "answer_obj": 3, "answer_rel": 2, "answer_attr": 2, "answer_cat": 3,
+                     "answer_global": 2}
+    assert {k: weights[k] for k in weights if k.startswith("loss_answer")} == {
+        f"loss_answer_{k}": 25.0 for k in ("type", "obj", "attr", "rel", "global", "cat")}
+    assert weights["loss_ce"] == 1.0  # the detection losses stay (phase 1)
+    images = torch.randn(2, 3, 64, 64)
+    outputs = model(images, torch.zeros(2, 64, 64, dtype=torch.bool), ["what color is it?", "is it a cube?"])
+    positive = torch.zeros(1, 256, dtype=torch.bool)
+    positive[0, 1:3] = True
+    targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2]]), "positive_map": positive, "answer": "red",
+                "question_type": "attr"},
+               {"boxes": torch.zeros(0, 4), "positive_map": torch.zeros(0, 256, dtype=torch.bool),
+                "answer": "maybe", "question_type": "obj"}]  # not in the vocabulary: "unknown"
+    losses = criterion(outputs, targets)
+    assert {"loss_ce", "loss_bbox", "loss_answer_type", "loss_answer_obj"} <= set(losses)
+    expected = torch.nn.functional.cross_entropy(outputs.qa["answer_obj"][1:], torch.tensor([2]))
+    assert losses["loss_answer_obj"].item() == pytest.approx(expected.item(), rel=1e-5)
+    total_loss(losses, weights).backward()
+    assert model.answer_obj_head.weight.grad is not None
+    # phase 2: the answer losses alone
+    _, qa_only, qa_weights = build(Config(model=model_config, loss=LossConfig(detection_losses=False)))
+    assert set(qa_only(outputs, targets)) == set(losses) - {k for k in losses if not k.startswith(
+        ("loss_answer", "accuracy_answer"))}
+    assert all(k.startswith("loss_answer") for k in qa_weights)
 
 
 # ------------------------------------------------------------------------------------------ generator

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from torch import nn
+from torch import Tensor, nn
 
 from mdetr.config import Config, ConfigError, LossConfig, ModelConfig
 from mdetr.engine.checkpoint import (
@@ -29,38 +29,65 @@ from mdetr.registry import official_archs
 def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes: :class:`MDETR`, or :class:`MDETRSegmentation` when ``masks`` is set."""
     detr = MDETR(config)
-    return MDETRSegmentation(detr=detr) if config.masks else detr
+    return MDETRSegmentation(detr=detr, freeze_detector=config.freeze_detector) if config.masks else detr
 
 
 def build(config: Config) -> tuple[nn.Module, nn.Module, dict[str, float]]:
     """Model, criterion and loss weights (aux layers included) of a grounding config.
 
-    A CLEVR QA model (``model.qa_dataset=clevr``) gets :class:`~mdetr.losses.qa.QASetCriterion`: the
-    detection losses plus the official CLEVR answer losses. GQA answer heads, the CLEVR-Ref+ is-final head
-    and masks are only for running released checkpoints; training them is refused.
+    A QA model (``model.qa_dataset=clevr`` or ``gqa``) gets :class:`~mdetr.losses.qa.QASetCriterion`: the
+    detection losses plus the official CLEVR or GQA answer losses, or the answer losses alone with
+    ``loss.detection_losses=false``. A GQA model trains with its answer vocabularies in
+    ``model.qa_answers`` (:class:`mdetr.engine.gqa.GQATask` fills them from the data). The CLEVR-Ref+
+    is-final head (``model.predict_final``) adds its BCE to the detection losses. A segmentation model
+    (``model.masks``) gets :class:`~mdetr.losses.masks.SegmentationCriterion`: the detection losses plus the
+    mask focal and dice losses.
     """
     model_config = config.model
-    unsupported = [name for name, on in (
-        ("GQA QA", model_config.qa_dataset == "gqa"), ("is-final", model_config.predict_final),
-        ("mask", model_config.masks)) if on]
-    if unsupported:
-        raise ConfigError(f"training with {' / '.join(unsupported)} heads is not supported yet; these heads "
-                          "are for running released checkpoints (mdetr.load / mdetr convert). Of the QA "
-                          "heads only model.qa_dataset=clevr trains")
+    if model_config.qa_dataset == "gqa" and not model_config.qa_answers:
+        raise ConfigError("training GQA answer heads needs their answer vocabularies in model.qa_answers "
+                          "(mdetr train builds them from data.train_ann)")
     model = build_model(model_config)
     criterion: nn.Module = build_criterion(config.loss, num_token_slots=model_config.num_token_slots)
     weights = weight_dict(
         config.loss,
         num_aux=model_config.dec_layers - 1 if model_config.aux_loss else 0,
         contrastive_align=model_config.contrastive_align,
+        isfinal=model_config.predict_final,
     )
-    if model_config.qa_dataset == "clevr":
-        from mdetr.losses.qa import QASetCriterion, qa_weight_dict
-        from mdetr.models.heads import clevr_attributes
+    if model_config.qa_dataset:
+        criterion, weights = _with_answer_losses(config, criterion, weights)
+    if model_config.masks:
+        from mdetr.losses.masks import SegmentationCriterion, mask_weight_dict
 
-        criterion = QASetCriterion(criterion, clevr_attributes(model_config.qa_attributes))
-        weights.update(qa_weight_dict(config.loss.qa_loss_coef))
+        criterion = SegmentationCriterion(criterion, alpha=config.loss.focal_alpha,
+                                          gamma=config.loss.focal_gamma)
+        weights.update(mask_weight_dict(mask_coef=config.loss.mask_coef, dice_coef=config.loss.dice_coef))
     return model, criterion, weights
+
+
+def _with_answer_losses(config: Config, detection: nn.Module,
+                        weights: dict[str, float]) -> tuple[nn.Module, dict[str, float]]:
+    """The QA criterion and weights: answer losses added to the detection ones, or alone."""
+    from mdetr.losses.qa import (
+        ClevrQACriterion,
+        GQAQACriterion,
+        QASetCriterion,
+        gqa_weight_dict,
+        qa_weight_dict,
+    )
+    from mdetr.models.heads import clevr_attributes
+
+    model_config = config.model
+    if model_config.qa_dataset == "clevr":
+        qa: nn.Module = ClevrQACriterion(clevr_attributes(model_config.qa_attributes))
+        qa_weights = qa_weight_dict(config.loss.qa_loss_coef)
+    else:
+        qa = GQAQACriterion(model_config.qa_answers)
+        qa_weights = gqa_weight_dict(config.loss.qa_loss_coef, split_qa_heads=model_config.split_qa_heads)
+    if not config.loss.detection_losses:
+        return QASetCriterion(None, qa), qa_weights
+    return QASetCriterion(detection, qa), {**weights, **qa_weights}
 
 
 def load_config_from_checkpoint(path: str | Path) -> Config:
@@ -134,6 +161,10 @@ def initialise_from(model: nn.Module, source: str | Path, *, allow_new_heads: bo
         to a detection model); they keep their initialisation and their names are returned. Unexpected keys
         and shape mismatches are errors either way.
 
+    A segmentation model (:class:`MDETRSegmentation`) also starts from a detector's weights (the second
+    stage of the PhraseCut recipe): they go into its ``detr``, and the detector's contrastive-alignment
+    projections, which the segmentation model does not have, are left out. The mask branch is then new.
+
     Anything that does not fit is one :class:`CheckpointError` listing the keys.
     """
     path = Path(source)
@@ -151,6 +182,8 @@ def initialise_from(model: nn.Module, source: str | Path, *, allow_new_heads: bo
             tensors = model_state(load(path))
         else:
             tensors = read_tensors(path / MODEL_FILE, doc)
+    if isinstance(model, MDETRSegmentation):
+        tensors = detector_weights_for_segmentation(tensors)
     new = sorted(set(model.state_dict()) - set(tensors)) if allow_new_heads else []
     if new:
         current = model.state_dict()
@@ -159,4 +192,17 @@ def initialise_from(model: nn.Module, source: str | Path, *, allow_new_heads: bo
     return new
 
 
-__all__ = ["build", "build_model", "initialise_from", "load", "LossConfig"]
+# Heads of a detector that the segmentation model does not have (it predicts no alignment embeddings).
+_DETECTOR_ONLY_PREFIXES = ("contrastive_align_projection_image.", "contrastive_align_projection_text.")
+
+
+def detector_weights_for_segmentation(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A detector's state dict (MDETR keys) as the ``detr.*`` part of a segmentation model's; a segmentation
+    state dict (it already has ``detr.*`` keys) is returned unchanged."""
+    if any(k.startswith("detr.") for k in tensors):
+        return tensors
+    return {f"detr.{k}": v for k, v in tensors.items() if not k.startswith(_DETECTOR_ONLY_PREFIXES)}
+
+
+__all__ = ["build", "build_model", "detector_weights_for_segmentation", "initialise_from", "load",
+           "LossConfig"]

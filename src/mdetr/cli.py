@@ -60,7 +60,9 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder written by mdetr train")
     parser.add_argument("--ann", required=True, nargs="+",
                         help="MDETR-format annotation JSON (an LVIS v1 file for --task lvis; several "
-                             "finetune_*_{split}.json files for --task refexp)")
+                             "finetune_*_{split}.json files for --task refexp; "
+                             "finetune_phrasecut_{split}.json or the original refer_{split}.json for "
+                             "--task phrasecut)")
     parser.add_argument("--images", required=True, help="image folder")
     parser.add_argument("--refexp-datasets", default="", help="comma-separated dataset_name values for precision@k")
     parser.add_argument("--overlap", choices=["giou", "iou"], default="giou",
@@ -71,13 +73,21 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amp", choices=["none", "bf16"], default="none",
                         help="bf16 autocast for the forward passes (its accuracy cost: BENCHMARKS.md)")
     parser.add_argument("--output", help="write the metrics as JSON here")
-    parser.add_argument("--task", choices=["grounding", "detection", "flickr", "refexp", "lvis"],
+    parser.add_argument("--predictions", metavar="FILE",
+                        help="QA checkpoints: also write every answer, for GQA as the submission JSON "
+                             "[{questionId, prediction}], for CLEVR one answer per line in questionId order")
+    parser.add_argument("--answers", metavar="FILE",
+                        help="GQA: the answer vocabularies (gqa_answer2id_by_type.json) of a converted "
+                             "official checkpoint; a checkpoint trained here carries its own")
+    parser.add_argument("--task", choices=["grounding", "detection", "flickr", "refexp", "lvis", "phrasecut"],
                         help="detection: COCO AP with categories (--ann is a COCO detection file); flickr, "
-                             "refexp, lvis: the paper's benchmark and table (docs/TASKS.md); default: the "
-                             "checkpoint's task")
+                             "refexp, lvis, phrasecut: the paper's benchmark and table (docs/TASKS.md); "
+                             "default: the checkpoint's task (phrasecut for a segmentation model)")
     _add_benchmark_arguments(parser)
     args = parser.parse_args(argv)
-    if args.task in ("flickr", "refexp", "lvis"):
+    if args.task is None and _checkpoint_has_masks(args.checkpoint):
+        args.task = "phrasecut"
+    if args.task in ("flickr", "refexp", "lvis", "phrasecut"):
         return _evaluate_benchmark(args)
     if len(args.ann) > 1:
         parser.error("several --ann files are only read by --task refexp")
@@ -98,9 +108,13 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 
     model = load(args.checkpoint, weights=args.weights, device=args.device)
+    if model.config.qa_dataset == "gqa":
+        return _evaluate_gqa(args, model)
     dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=args.ann, image_root=args.images)
     if model.config.qa_dataset == "clevr":
         return _evaluate_qa(args, model, dataset)
+    if model.config.predict_final:
+        return _evaluate_clevr_ref(args, model, dataset)
     evaluators: dict[str, object] = {"box_ap": CocoBoxEvaluator(dataset.ground_truth)}
     names = [n for n in args.refexp_datasets.split(",") if n]
     if names:
@@ -124,17 +138,58 @@ def _evaluate_qa(args: argparse.Namespace, model: object, dataset: object) -> in
     from mdetr.engine.qa import check_answers, evaluate_qa, format_qa_metrics
     from mdetr.models.heads import clevr_attributes
 
-    check_answers(dataset, clevr_attributes(model.config.qa_attributes))
+    check_answers(dataset, clevr_attributes(model.config.qa_attributes), require_answers=False)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
-    metrics = evaluate_qa(model, loader, dataset, device=args.device, progress=True)
+    metrics = evaluate_qa(model, loader, dataset, device=args.device, progress=True,
+                          predictions_file=args.predictions)
     print(format_qa_metrics(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))
     return 0
 
 
+def _evaluate_gqa(args: argparse.Namespace, model: object) -> int:
+    """GQA accuracy (overall, per semantic and structural type) and, with --predictions, the submission."""
+    from mdetr.engine.gqa import evaluate_gqa_file, format_gqa_metrics
+
+    metrics = evaluate_gqa_file(model, args.ann, args.images, batch_size=args.batch_size, device=args.device,
+                                answers_file=args.answers, predictions_file=args.predictions, progress=True)
+    print(format_gqa_metrics(metrics))
+    if args.predictions:
+        print(f"wrote {metrics['qa']['num_predicted']} answers to {args.predictions}")
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _evaluate_clevr_ref(args: argparse.Namespace, model: object, dataset: object) -> int:
+    """CLEVR-Ref+ precision@k of the boxes ranked by score x p(final), and box AP."""
+    from torch.utils.data import DataLoader
+
+    from mdetr.data.collate import collate
+    from mdetr.engine.clevr_ref import score_clevr_ref
+    from mdetr.engine.evaluate import predict_dataset
+
+    loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
+    predictions = predict_dataset(model, loader, device=args.device, progress=True)
+    metrics = score_clevr_ref(dataset.ground_truth, predictions, overlap=args.overlap)
+    print(format_metrics(metrics).replace("Referring expressions", "CLEVR-Ref+ referring expressions"))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _checkpoint_has_masks(path: str) -> bool:
+    """Whether a checkpoint folder holds a segmentation model (its config has model.masks)."""
+    if not Path(path).is_dir():
+        return False
+    from mdetr.engine.checkpoint import read_checkpoint_doc
+
+    return bool(read_checkpoint_doc(path)["config"].get("model", {}).get("masks", False))
+
+
 def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("benchmarks (--task flickr / refexp / lvis)")
+    group = parser.add_argument_group("benchmarks (--task flickr / refexp / lvis / phrasecut)")
     group.add_argument("--flickr-root", help="original Flickr30k Entities folder ({split}.txt, Annotations/, "
                        "Sentences/): the official ground truth; without it, the --ann file's boxes are used")
     group.add_argument("--split", help="Flickr split (default: from the file name, e.g. final_flickr_"
@@ -144,6 +199,8 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--chunk-size", type=int, default=32, help="LVIS class names encoded and run together")
     group.add_argument("--topk", type=int, default=10000, help="LVIS AP fixed: detections kept per category")
     group.add_argument("--max-images", type=int, default=0, help="LVIS: evaluate only the first N images")
+    group.add_argument("--image-data", help="PhraseCut: image_data_split3000.json (the image sizes) for an "
+                       "original refer_{split}.json file; default: the one beside it")
 
 
 def _evaluate_benchmark(args: argparse.Namespace) -> int:
@@ -159,7 +216,7 @@ def _evaluate_benchmark(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device, progress=True, flickr_root=args.flickr_root,
         split=args.split, protocol=args.protocol, overlap=args.overlap,
         refexp_datasets=[n for n in args.refexp_datasets.split(",") if n], chunk_size=args.chunk_size,
-        topk=args.topk, max_images=args.max_images)
+        topk=args.topk, max_images=args.max_images, image_data=args.image_data)
     try:
         metrics = run_benchmark(args.task, model, args.ann, args.images, options)
     except ValueError as err:
@@ -219,11 +276,12 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="checkpoint folder")
     parser.add_argument("--image", nargs="+", required=True, help="image files, folders or globs")
     what = parser.add_mutually_exclusive_group()  # one is required, except for a detection checkpoint
-    what.add_argument("--text", help="the sentence to ground")
+    what.add_argument("--text", help="the sentence to ground (for a segmentation checkpoint: the phrase "
+                      "whose region is segmented; predictions.json then holds the mask as RLE)")
     what.add_argument("--classes", help='comma-separated class names to detect, e.g. "cat,dog"')
-    what.add_argument("--question", help="a question to answer (a CLEVR-style QA checkpoint, "
-                      "model.qa_dataset=clevr), e.g. \"how many red things are there?\": prints the answer "
-                      "and the boxes the question's phrases refer to")
+    what.add_argument("--question", help="a question to answer (a QA checkpoint, model.qa_dataset=clevr or "
+                      "gqa), e.g. \"how many red things are there?\": prints the answer and the boxes the "
+                      "question's phrases refer to")
     parser.add_argument("--threshold", type=float, help="keep boxes with 1 - p(no object) above this (default "
                         "0.7); for a detection checkpoint, category probability above this (default 0.3)")
     parser.add_argument("--top-k", type=int, help="keep at most this many boxes per image")
@@ -234,6 +292,9 @@ def predict_main(argv: list[str] | None = None) -> int:
                         help="bfloat16 runs the model under bf16 autocast")
     parser.add_argument("--token-map", action="store_true",
                         help="also draw each box's probability over the caption's tokens (token_maps/*.png)")
+    parser.add_argument("--answers", metavar="FILE",
+                        help="GQA: the answer vocabularies (gqa_answer2id_by_type.json) of a converted "
+                             "official checkpoint; a checkpoint trained here carries its own")
     args = parser.parse_args(argv)
     from mdetr.engine.detection import checkpoint_task
 
@@ -257,12 +318,32 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     paths = _expand_images(args.image)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.question is not None and predictor.model.config.qa_dataset == "gqa":
+        from mdetr.engine.gqa import attach_answer_vocab
+
+        if args.answers is not None:
+            attach_answer_vocab(predictor.model, args.answers)
+        if not predictor.model.config.qa_answers:
+            parser.error(f"{args.checkpoint} is a GQA model without its answer vocabularies (a converted "
+                         "official checkpoint): give them with --answers gqa_answer2id_by_type.json")
+    segment = bool(getattr(predictor.model.config, "masks", False))
+    if segment and args.text is None:
+        parser.error("a segmentation checkpoint (model.masks) segments what a sentence refers to: "
+                     "give --text")
+    if segment and args.top_k is not None:
+        parser.error("--top-k does not apply to a segmentation checkpoint: its region is the union of the "
+                     "masks of every box scoring above --threshold (the PhraseCut protocol)")
     text = args.question if args.question is not None else args.text
     writer = _PredictionWriter(Path(args.output_dir), predictor, text=text, class_names=class_names,
                                token_map=args.token_map)
     try:
         for start in range(0, len(paths), args.batch_size):
             batch = paths[start: start + args.batch_size]
+            if segment:  # the union of the masks of the boxes above the threshold, as PhraseCut
+                regions = predictor.segment_batch(batch, [args.text] * len(batch), threshold=args.threshold)
+                for path, region in zip(batch, regions, strict=True):
+                    writer.add(path, region.grounding, segmentation=region)
+                continue
             if args.question is not None:
                 answers = predictor.answer_batch(batch, [args.question] * len(batch),
                                                  threshold=args.threshold, top_k=args.top_k)
@@ -312,16 +393,24 @@ class _PredictionWriter:
         self.coco: list[dict] = []
         self.images: list[dict] = []
 
-    def add(self, path: Path, grounding: object, *, answer: object | None = None) -> None:
-        """One image's outputs; ``answer`` (a :class:`~mdetr.inference.predictor.Answer`) for a question."""
+    def add(self, path: Path, grounding: object, *, answer: object | None = None,
+            segmentation: object | None = None) -> None:
+        """One image's outputs; ``answer`` (a :class:`~mdetr.inference.predictor.Answer`) for a question,
+        ``segmentation`` (a :class:`~mdetr.inference.postprocess.Segmentation`) for a segmentation model:
+        its mask is drawn under the boxes and written as RLE in the record."""
         from mdetr.inference.predictor import open_image
-        from mdetr.inference.visualize import draw_groundings
+        from mdetr.inference.visualize import draw_groundings, draw_segmentation
 
         image_id = len(self.images) + 1
         self.images.append({"id": image_id, "file_name": str(path)})
         picture = self.out / f"{path.stem}.png"
         caption = self.text if self.text is not None else ", ".join(self.class_names)
-        draw_groundings(open_image(path), grounding, caption=caption).save(picture)
+        if segmentation is not None:
+            picture_image = draw_segmentation(open_image(path), segmentation.mask.numpy(), grounding,
+                                              caption=caption)
+            picture_image.save(picture)
+        else:
+            draw_groundings(open_image(path), grounding, caption=caption).save(picture)
         detections = grounding.to_json()
         for k, detection in enumerate(detections):
             x0, y0, x1, y1 = detection["box_xyxy"]
@@ -335,7 +424,11 @@ class _PredictionWriter:
                 detection["token_map"] = str(self._draw_token_map(path, grounding, k))
         record = {"image": str(path), "image_id": image_id, "text": caption, "picture": str(picture),
                   "detections": detections}
-        if answer is not None:
+        if segmentation is not None:
+            region = segmentation.to_json()
+            record.update(mask_rle=region["mask_rle"], mask_area=region["mask_area"])
+            print(f"{path}: mask of {region['mask_area']} pixels from {len(detections)} boxes")
+        elif answer is not None:
             record.update({k: v for k, v in answer.to_json().items() if k != "boxes"})
             print(f"{path}: {caption}")
             print(f"  answer: {answer.answer} ({answer.answer_type}, confidence {answer.confidence:.2f})")
@@ -390,13 +483,17 @@ def data_main(argv: list[str] | None = None) -> int:
                              "compare number, query attribute, compare attribute; for "
                              "configs/mdetr_lite_shapes_qa.yaml)")
     shapes.add_argument("--questions-per-scene", type=int, default=4, help="questions per scene with --qa")
+    shapes.add_argument("--qa-formats", action="store_true",
+                        help="with --qa, also write the questions in the original GQA layout (gqa/: "
+                             "questions, scene graphs, JPEG images) and the CLEVR v1.0 layout "
+                             "(clevr/CLEVR_{split}_questions.json)")
     validate = sub.add_parser("validate", help="list every problem in an MDETR-format annotation file")
     validate.add_argument("ann_file")
     validate.add_argument("--images", help="image folder (checks that every image opens and has its size)")
     validate.add_argument("--text-encoder", default="minilm", help="tokenizer used to check spans and lengths")
     _add_task_data_parsers(sub)
     args = parser.parse_args(argv)
-    if args.command in ("combine", "flickr", "refexp", "lvis"):
+    if args.command in ("combine", "flickr", "refexp", "lvis", "phrasecut", "gqa"):
         return _task_data(args)
     if args.command == "shapes":
         from mdetr.data.shapes import generate_shapes
@@ -414,6 +511,13 @@ def data_main(argv: list[str] | None = None) -> int:
             files.update({f"{split} qa": path for split, path in generate_shapes_qa(
                 args.output_dir, seed=args.seed, questions_per_scene=args.questions_per_scene,
                 progress=True).items()})
+            if args.qa_formats:
+                from mdetr.data.shapes_qa import export_clevr_format, export_gqa_format
+
+                files.update({f"{split} gqa": path
+                              for split, path in export_gqa_format(args.output_dir).items()})
+                files.update({f"{split} clevr": path
+                              for split, path in export_clevr_format(args.output_dir).items()})
         for split, path in files.items():
             print(f"{split}: {path}")
         return 0
@@ -431,7 +535,8 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def _add_task_data_parsers(sub: argparse._SubParsersAction) -> None:
-    """``mdetr data combine / flickr / refexp / lvis``: build MDETR-format files from the published ones."""
+    """``mdetr data combine / flickr / refexp / lvis / phrasecut``: build MDETR-format files from the
+    published ones."""
     combine = sub.add_parser("combine", help="merge captions per image into pre-training sentences (graph "
                              "colouring), leaving out every image of the evaluation files")
     combine.add_argument("output", help="the combined MDETR-format JSON to write")
@@ -466,6 +571,23 @@ def _add_task_data_parsers(sub: argparse._SubParsersAction) -> None:
     lvis.add_argument("--subset", type=int, choices=[1, 10, 100], default=100, help="percent of the images "
                       "(balanced so every category keeps positive and negative examples)")
     lvis.add_argument("--seed", type=int, default=42)
+    phrasecut = sub.add_parser("phrasecut", help="a PhraseCut refer_{split}.json (original release) to the "
+                               "MDETR format of finetune_phrasecut_{split}.json (boxes, polygons)")
+    phrasecut.add_argument("refer_json", help="refer_train.json, refer_val.json, refer_test.json or "
+                           "refer_miniv.json")
+    phrasecut.add_argument("output")
+    phrasecut.add_argument("--image-data", help="image_data_split3000.json (default: the one beside the "
+                           "refer file)")
+    gqa = sub.add_parser("gqa", help="GQA questions ({split}_{all,balanced}_questions.json, with the scene "
+                         "graphs' boxes) to the MDETR format of finetune_gqa_{split}_{type}.json")
+    gqa.add_argument("questions_json")
+    gqa.add_argument("output")
+    gqa.add_argument("--scene-graphs", help="{split}_sceneGraphs.json (default: beside the questions file or "
+                     "in ../sceneGraphs; none for test-dev and the test splits)")
+    gqa.add_argument("--images", help="the GQA image folder, to read the image sizes when there are no scene "
+                     "graphs")
+    gqa.add_argument("--vocab", metavar="FILE", help="also write the answer vocabularies built from these "
+                     "questions, in the layout of gqa_answer2id_by_type.json")
 
 
 def _file_spec(value: str) -> str | tuple[str, str]:
@@ -498,6 +620,19 @@ def _task_data(args: argparse.Namespace) -> int:
                 raise
             print(f"error: {err}", file=sys.stderr)
             return 2
+    elif args.command == "phrasecut":
+        from mdetr.data.phrasecut import phrasecut_to_mdetr
+
+        data = phrasecut_to_mdetr(args.refer_json, args.image_data)
+    elif args.command == "gqa":
+        from mdetr.data.gqa import build_answer_vocab, read_gqa_file, write_answer_vocab
+        from mdetr.data.questions import header_image_sizes
+
+        sizes = header_image_sizes(args.images) if args.images else None
+        data = read_gqa_file(args.questions_json, scene_graphs=args.scene_graphs, image_size=sizes)
+        if args.vocab:
+            write_answer_vocab(build_answer_vocab(data["images"]), args.vocab)
+            print(f"wrote the answer vocabularies to {args.vocab}")
     else:
         from mdetr.data.lvis import lvis_subset_to_modulated
 
@@ -672,10 +807,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: mdetr {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train     train a model from a YAML preset\n"
-              "  evaluate  precision@k and box AP; --task flickr|refexp|lvis prints the paper's tables\n"
+              "  evaluate  precision@k and box AP, or answer accuracy of a QA model; --task "
+              "flickr|refexp|lvis|phrasecut prints the paper's tables\n"
               "  predict   ground a sentence or detect named classes in images (JSON + PNGs)\n"
               "  data      generate the shapes set, validate annotation files, convert Flickr30k / RefCOCO / "
-              "LVIS, combine pre-training captions\n"
+              "LVIS / PhraseCut / GQA, combine pre-training captions\n"
               "  demo      the whole loop on synthetic shapes in a few minutes\n"
               "  convert   turn an official MDETR .pth checkpoint into a checkpoint folder\n"
               "  serve     an HTTP API and a demo page for a checkpoint\n"

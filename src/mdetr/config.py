@@ -56,10 +56,18 @@ class ModelConfig:
     # CLEVR QA: the attribute answers, one class of the answer_attr head each ([] is CLEVR's 15: small,
     # large, 8 colours, cube, sphere, cylinder, rubber, metal; the shapes QA set names its own shapes).
     qa_attributes: list[str] = field(default_factory=list)
+    # GQA: the answers of each answer head, answer type (obj, attr, rel, global, cat) -> list, or
+    # {"all": [...]} for the single head; class i of a head is answer i. Empty: the released checkpoints'
+    # head sizes. GQA training fills it from the training data (mdetr.data.gqa.build_answer_vocab) or from
+    # train.init_weights.
+    qa_answers: dict[str, list[str]] = field(default_factory=dict)
     # CLEVR-Ref+: a per-query logit saying whether the box is in the final referred set.
     predict_final: bool = False
     # PhraseCut segmentation: wrap the detector with the attention-map + small-FPN mask head.
     masks: bool = False
+    # With masks: train the mask head alone on a frozen detector (the official second stage,
+    # --frozen_weights).
+    freeze_detector: bool = False
     # Decoder: "detr" (the official one) or "smca" (spatially modulated co-attention, SMCA Section 3.3;
     # see mdetr.models.smca). The smca_* fields only apply to "smca": scale is "fixed", "single" or
     # "independent" (SMCA Table 2), multi_head gives each head its own centre offset and scales (Eq. 6),
@@ -117,6 +125,8 @@ class ModelConfig:
             raise ConfigError(
                 "model.qa_dataset=clevr needs model.split_qa_heads=true (CLEVR has no single answer head)"
             )
+        if self.qa_answers:
+            self._validate_qa_answers()
         if self.qa_attributes:
             if self.qa_dataset != "clevr":
                 raise ConfigError("model.qa_attributes is the attribute vocabulary of model.qa_dataset="
@@ -132,12 +142,30 @@ class ModelConfig:
                 "model.masks=true builds the PhraseCut segmentation model, which predicts boxes and masks "
                 "only: set model.qa_dataset='', model.predict_final=false and model.contrastive_align=false"
             )
+        if self.freeze_detector and not self.masks:
+            raise ConfigError("model.freeze_detector=true leaves only the mask head to train: it needs "
+                              "model.masks=true")
         if self.masks and (self.hidden_dim % 128 or (self.hidden_dim + self.nheads) % 8):
             # The mask head's GroupNorm(8) layers run at widths D + heads and D/2 .. D/16.
             raise ConfigError(
                 f"model.masks=true needs model.hidden_dim a multiple of 128 and hidden_dim + nheads a "
                 f"multiple of 8, got hidden_dim={self.hidden_dim}, nheads={self.nheads}"
             )
+
+    def _validate_qa_answers(self) -> None:
+        if self.qa_dataset != "gqa":
+            raise ConfigError("model.qa_answers is the answer vocabulary of model.qa_dataset=gqa; it has no "
+                              f"meaning for qa_dataset={self.qa_dataset!r}")
+        expected = {"obj", "attr", "rel", "global", "cat"} if self.split_qa_heads else {"all"}
+        if not isinstance(self.qa_answers, dict) or set(self.qa_answers) != expected:
+            keys = sorted(self.qa_answers) if isinstance(self.qa_answers, dict) else self.qa_answers
+            raise ConfigError(f"model.qa_answers must map {', '.join(sorted(expected))} to answer lists "
+                              f"(split_qa_heads={self.split_qa_heads}), got {keys}")
+        for key, answers in self.qa_answers.items():
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise ConfigError(f"model.qa_answers[{key!r}] must be a non-empty list of answer strings")
+            if len(set(answers)) != len(answers):
+                raise ConfigError(f"model.qa_answers[{key!r}] repeats an answer")
 
     def _validate_multiscale(self) -> None:
         blocks = encoder_layout_blocks(self.smca_encoder)  # raises on a malformed layout
@@ -187,6 +215,11 @@ class LossConfig:
     # QA (model.qa_dataset): weight of the answer-type loss (official --qa_loss_coef); the CLEVR per-type
     # answer losses (binary, attribute, count) have weight 1, as in the official weight dict.
     qa_loss_coef: float = 1.0
+    # QA: false trains the answer heads alone, without the box losses (official --no_detection: the second,
+    # balanced-split GQA stage and CLEVR-Humans, whose questions have no boxes).
+    detection_losses: bool = True
+    # CLEVR-Ref+ (model.predict_final): weight of the is-final BCE on the matched boxes (official: 1).
+    isfinal_coef: float = 1.0
     # "multi_hot": the official code's target (1 on every positive token, after its collate binarises the
     # map); "uniform": the paper's description (uniform distribution over the span's tokens).
     soft_token_target: str = "multi_hot"
@@ -194,6 +227,10 @@ class LossConfig:
     # gamma 2). load_config lays a detection config's loss keys onto DETECTION_LOSS_DEFAULTS.
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # Segmentation (model.masks): weights of the masks' sigmoid focal loss (with focal_alpha, focal_gamma) and
+    # dice loss (official mask_loss_coef and dice_loss_coef).
+    mask_coef: float = 1.0
+    dice_coef: float = 1.0
 
     def validate(self) -> None:
         if not 0 <= self.focal_alpha <= 1 or self.focal_gamma < 0:
@@ -355,6 +392,9 @@ class Config:
                               "(task: detection)")
         for part in (self.model, self.loss, self.data, self.train):
             part.validate()
+        if not self.loss.detection_losses and not self.model.qa_dataset:
+            raise ConfigError("loss.detection_losses=false leaves only the answer losses: it needs a QA "
+                              "model (model.qa_dataset=gqa or clevr)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -123,7 +123,7 @@ class ModulatedDetection(Dataset):
         self.problems: list[Problem] = []
         self._default_name = Path(ann_file).stem
 
-        data, problems = read_annotation_file(ann_file)
+        data, problems = self._read_annotations(ann_file)
         if data is None:
             raise next(p for p in problems if p.severity == "error").to_error()
         self.ground_truth: dict = data
@@ -138,6 +138,14 @@ class ModulatedDetection(Dataset):
                 self._samples.append(sample)
         self.ids = [entry["id"] for entry, _, _ in self._samples]
 
+    def _read_annotations(self, ann_file: str | os.PathLike) -> tuple[dict | None, list[Problem]]:
+        """The MDETR-format dict and the problems found reading it (a subclass may read another format)."""
+        return read_annotation_file(ann_file)
+
+    def _check_annotation(self, annotation: dict, entry: dict) -> list[Problem]:
+        """Checks a subclass adds to :func:`mdetr.data.validate.check_annotation` (none here)."""
+        return []
+
     def _admit(self, report: EntryReport) -> tuple[dict, list[dict], Path] | None:
         """The entry, its usable annotations and its image path; None when the entry is left out."""
         problems = list(report.problems)
@@ -148,6 +156,7 @@ class ModulatedDetection(Dataset):
             problems.append(error.problem)
         kept, rejected = [], 0
         for annotation, annotation_problems in report.annotations:
+            annotation_problems = [*annotation_problems, *self._check_annotation(annotation, report.entry)]
             problems += annotation_problems
             if any(p.severity == "error" for p in annotation_problems):
                 rejected += 1

@@ -29,6 +29,9 @@ Spans (``tokens_positive``) cover the whole noun phrase of the referred object i
 or count word ("the small red circle", "two yellow stars"), never the anchor phrase of a relation. Phrase
 word order follows CLEVR: size, colour, material, shape.
 
+Every annotation also has the object's outline as a COCO polygon ``segmentation`` (its vertices; a circle
+as a regular 32-gon), so the segmentation model (PhraseCut recipe) trains on the same files.
+
 Splits: ``train`` and ``val`` never contain the held-out (colour, shape) pairs of ``HELD_OUT_PAIRS``, not
 even as distractors. Every ``val_unseen`` scene holds two to four held-out objects, and every
 ``val_unseen`` referring expression targets one of them with a description naming its colour and shape.
@@ -82,6 +85,8 @@ HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 SPLITS: tuple[str, ...] = ("train", "val", "val_unseen")
 CATEGORIES: list[dict[str, object]] = [{"supercategory": "object", "id": 1, "name": "object"}]
+# Vertices of the polygon a circle's segmentation is given as (its area is 99.4 % of the circle's).
+CIRCLE_VERTICES = 32
 
 # Half-extent of a small object as a fraction of the image side: 12.8 px at 256, so a small object's
 # narrowest extent (the diamond's width, with the smallest size jitter) is still 17 px.
@@ -149,6 +154,21 @@ class ShapeObject:
         """COCO box [x, y, w, h] of the drawn shape, rounded to 1/100 px for stable JSON."""
         x0, y0, x1, y1 = self.bbox_xyxy
         return [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)]
+
+    @property
+    def polygon(self) -> list[tuple[float, float]]:
+        """The outline drawn (pixels): the shape's vertices, or for a circle a regular polygon of
+        :data:`CIRCLE_VERTICES` vertices on it."""
+        if self.shape == "circle":
+            return [(self.x + self.radius * math.cos(2 * math.pi * k / CIRCLE_VERTICES),
+                     self.y + self.radius * math.sin(2 * math.pi * k / CIRCLE_VERTICES))
+                    for k in range(CIRCLE_VERTICES)]
+        return shape_vertices(shape=self.shape, x=self.x, y=self.y, radius=self.radius)
+
+    @property
+    def segmentation(self) -> list[list[float]]:
+        """COCO polygon segmentation ``[[x1, y1, x2, y2, ...]]`` of :attr:`polygon`, rounded to 1/100 px."""
+        return [[round(v, 2) for point in self.polygon for v in point]]
 
     def attribute(self, name: str) -> str:
         return str(getattr(self, name))
@@ -668,6 +688,7 @@ class _SplitWriter:
                             "category_id": 1,
                             "tokens_positive": [list(span)],
                             **_object_record(obj),
+                            "segmentation": obj.segmentation,
                         }
                     )
 

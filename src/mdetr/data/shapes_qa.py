@@ -17,6 +17,10 @@ The five families of the CLEVR paper's breakdown (MDETR Table 4):
 * ``compare_attribute``: "is the red circle the same size as the blue star?" -> yes / no; boxes: both
   objects, each described uniquely without the compared attribute.
 
+:func:`export_gqa_format` and :func:`export_clevr_format` also write the questions in the original GQA
+(questions, scene graphs, JPEG images) and CLEVR v1.0 (questions with programs) layouts, so the GQA and
+CLEVR readers and tasks run end to end on the shapes scenes.
+
 Every entry also carries ``program``: the filters (attribute -> value, canonical words) and the family's
 parameters, from which the answer follows by brute force over the scene's objects (:func:`answer_program`).
 Attribute answers come from :data:`SHAPES_QA_ATTRIBUTES` (CLEVR's answer list with the shapes set's six
@@ -305,5 +309,157 @@ def generate_shapes_qa(out_dir: str | Path, *, seed: int = 0, questions_per_scen
     return paths
 
 
-__all__ = ["FAMILIES", "SHAPES_QA_ATTRIBUTES", "answer_program", "generate_shapes_qa", "make_question",
-           "matching", "objects_from_scene", "scene_questions"]
+# ------------------------------------------------------------------------------- the original formats
+
+# GQA (semantic, structural) type of each family in the GQA-format export, so that every GQA answer head has
+# questions: existence is an object question ("obj"), a comparison of two groups stands for the relation
+# questions ("rel"), counts are the "global" ones (GQA has no counting), attributes "attr", and a queried
+# shape is a category ("cat").
+GQA_TYPES_OF_FAMILY = {"exist": ("obj", "verify"), "count": ("global", "query"),
+                       "compare_number": ("rel", "logical"), "compare_attribute": ("attr", "compare"),
+                       "query_attribute": ("attr", "query")}
+_COMPARISON_FUNCTIONS = {"more": "greater_than", "fewer": "less_than", "equal": "equal_integer"}
+
+
+def _qa_files(out_dir: Path, splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+    files = {}
+    for split in splits:
+        path = out_dir / f"{split}_qa.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: generate the questions first "
+                                    f"(mdetr data shapes {out_dir} --qa)")
+        files[split] = json.loads(path.read_text(encoding="utf-8"))
+    return files
+
+
+def _word_range(caption: str, span: Sequence[int]) -> str:
+    """GQA's annotation key (``"i"`` or ``"i:j"``, words i..j-1) of the words a character span covers."""
+    from mdetr.data.gqa import word_spans
+
+    words = [k for k, (beg, end) in enumerate(word_spans(caption)) if beg < span[1] and span[0] < end]
+    return str(words[0]) if len(words) == 1 else f"{words[0]}:{words[-1] + 1}"
+
+
+def _gqa_types(entry: dict[str, Any]) -> tuple[str, str]:
+    program = entry["program"]
+    semantic, structural = GQA_TYPES_OF_FAMILY[program["family"]]
+    if program["family"] == "query_attribute" and program["attribute"] == "shape":
+        semantic = "cat"
+    return semantic, structural
+
+
+def export_gqa_format(out_dir: str | Path, *, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
+    """The shapes questions in the original GQA layout, under ``out_dir/gqa``: ``questions/{split}_balanced_
+    questions.json``, ``sceneGraphs/{split}_sceneGraphs.json`` and ``images/{imageId}.jpg`` (JPEG copies).
+
+    Question ids are ``{split index}{entry id:06d}``, image ids ``{split}_{scene index:06d}``; each question's
+    ``annotations.question`` maps the words of every phrase to the objects it mentions, and the semantic and
+    structural types follow :data:`GQA_TYPES_OF_FAMILY`. GQA's annotations map a word range to one object,
+    so a phrase naming several objects (a plural, as in "how many red things") keeps only one of them.
+    Returns ``{split: questions file}``.
+    """
+    out_dir, root = Path(out_dir), Path(out_dir) / "gqa"
+    for folder in ("questions", "sceneGraphs", "images"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, data in _qa_files(out_dir, splits).items():
+        scene_list = json.loads((out_dir / f"{split}_scenes.json").read_text(encoding="utf-8"))
+        scenes = {s["index"]: s for s in scene_list}
+        boxes: dict[int, list[dict[str, Any]]] = {}
+        for ann in data["annotations"]:
+            boxes.setdefault(ann["image_id"], []).append(ann)
+        questions, graphs = {}, {}
+        for entry in data["images"]:
+            scene = scenes[entry["original_id"]]
+            image_id = f"{split}_{scene['index']:06d}"
+            if image_id not in graphs:
+                graphs[image_id] = _scene_graph(scene, entry["width"], entry["height"])
+                _jpeg_copy(out_dir / "images" / scene["file_name"], root / "images" / f"{image_id}.jpg")
+            semantic, structural = _gqa_types(entry)
+            mentions = {_word_range(entry["caption"], span): str(ann["object_index"])
+                        for ann in boxes.get(entry["id"], []) for span in ann["tokens_positive"]}
+            questions[f"{_SPLIT_CODES[split]}{entry['id']:06d}"] = {
+                "imageId": image_id, "question": entry["caption"], "answer": entry["answer"],
+                "isBalanced": True, "annotations": {"question": mentions, "answer": {}, "fullAnswer": {}},
+                "types": {"semantic": semantic, "structural": structural,
+                          "detailed": entry["program"]["family"]},
+            }
+        paths[split] = root / "questions" / f"{split}_balanced_questions.json"
+        paths[split].write_text(json.dumps(questions), encoding="utf-8")
+        (root / "sceneGraphs" / f"{split}_sceneGraphs.json").write_text(json.dumps(graphs), encoding="utf-8")
+    return paths
+
+
+def _scene_graph(scene: dict[str, Any], width: int, height: int) -> dict[str, Any]:
+    objects = {}
+    for k, obj in enumerate(scene["objects"]):
+        x, y, w, h = obj["bbox"]
+        objects[str(k)] = {"name": obj["shape"], "x": round(x), "y": round(y), "w": max(1, round(w)),
+                           "h": max(1, round(h)), "attributes": [obj["size"], obj["color"], obj["material"]],
+                           "relations": []}
+    return {"width": width, "height": height, "objects": objects}
+
+
+def _jpeg_copy(source: Path, target: Path) -> None:
+    if not target.is_file():
+        from PIL import Image
+
+        with Image.open(source) as image:
+            image.convert("RGB").save(target, quality=95)
+
+
+def _clevr_program(program: dict[str, Any]) -> list[dict[str, Any]]:
+    """A CLEVR v1.0 program (``scene`` -> ``filter_*`` ... -> the family's final function) for a shapes
+    question's program."""
+    nodes: list[dict[str, Any]] = []
+
+    def add(function: str, inputs: list[int], values: Sequence[str] = ()) -> int:
+        nodes.append({"function": function, "inputs": inputs, "value_inputs": list(values)})
+        return len(nodes) - 1
+
+    def select(filt: dict[str, str]) -> int:
+        node = add("scene", [])
+        for attribute, value in filt.items():
+            node = add(f"filter_{attribute}", [node], [value])
+        return node
+
+    family = program["family"]
+    sets = [select(f) for f in program["filters"]]
+    if family in ("count", "exist"):
+        add(family, [sets[0]])
+    elif family == "compare_number":
+        counts = [add("count", [s]) for s in sets]
+        add(_COMPARISON_FUNCTIONS[program["comparison"]], counts)
+    elif family == "query_attribute":
+        add(f"query_{program['attribute']}", [add("unique", [sets[0]])])
+    else:
+        add(f"equal_{program['attribute']}", [add("unique", [s]) for s in sets])
+    return nodes
+
+
+def export_clevr_format(out_dir: str | Path, *, splits: Sequence[str] = SPLITS) -> dict[str, Path]:
+    """The shapes questions in the CLEVR v1.0 layout: ``out_dir/clevr/CLEVR_{split}_questions.json``, whose
+    ``image_filename`` is relative to ``out_dir/images/{split}`` (CLEVR's ``images/{split}``) and whose
+    programs end in the family's CLEVR function (:func:`mdetr.data.clevr.clevr_question_family` finds the
+    family again). ``question_family_index`` is the family's index in :data:`FAMILIES`. Returns
+    ``{split: questions file}``."""
+    out_dir = Path(out_dir)
+    (out_dir / "clevr").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, data in _qa_files(out_dir, splits).items():
+        questions = [{
+            "image_index": entry["original_id"], "image_filename": Path(entry["file_name"]).name,
+            "split": split, "question": entry["caption"], "answer": entry["answer"],
+            "question_index": position,
+            "question_family_index": FAMILIES.index(entry["program"]["family"]),
+            "program": _clevr_program(entry["program"]),
+        } for position, entry in enumerate(data["images"])]
+        paths[split] = out_dir / "clevr" / f"CLEVR_{split}_questions.json"
+        info = {"split": split, "version": "1.0"}
+        paths[split].write_text(json.dumps({"info": info, "questions": questions}), encoding="utf-8")
+    return paths
+
+
+__all__ = ["FAMILIES", "GQA_TYPES_OF_FAMILY", "SHAPES_QA_ATTRIBUTES", "answer_program", "export_clevr_format",
+           "export_gqa_format", "generate_shapes_qa", "make_question", "matching", "objects_from_scene",
+           "scene_questions"]

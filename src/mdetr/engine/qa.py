@@ -4,24 +4,29 @@ for a grounding config with ``model.qa_dataset=clevr``, and the answer-accuracy 
 Training is MDETR's (detection losses on the boxes the question mentions) plus the official CLEVR answer
 losses (:mod:`mdetr.losses.qa`). Evaluation answers every question (the official ``eval_clevr.py`` rule)
 and reports answer accuracy overall, per question family (the entries' ``question_type``: count, exist,
-compare_number, query_attribute, compare_attribute on CLEVR and the shapes set) and per answer type, plus
-the class-agnostic box AP of the grounded objects. The overall accuracy picks the best checkpoint.
+compare_number, query_attribute, compare_attribute on CLEVR and the shapes set; on a CLEVR questions file,
+from each program, :mod:`mdetr.data.clevr`) and per answer type, plus the class-agnostic box AP of the
+grounded objects when the file has boxes. The overall accuracy picks the best checkpoint. CLEVR-Humans and
+the other question files without boxes train on the answer losses alone (``loss.detection_losses=false``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mdetr.config import Config
+from mdetr.data.clevr import entry_family, write_clevr_predictions
 from mdetr.data.collate import Batch
 from mdetr.data.errors import DataError
 from mdetr.data.modulated import ModulatedDetection
 from mdetr.data.validate import image_entry_name
+from mdetr.engine.evaluate import batch_outputs
 from mdetr.engine.train import GroundingTask
 from mdetr.eval import CocoBoxEvaluator
 from mdetr.inference.postprocess import post_process
@@ -67,14 +72,18 @@ def qa_accuracy(predicted: Sequence[str], truth: Sequence[str], families: Sequen
     return summary
 
 
-def check_answers(dataset: ModulatedDetection, attributes: Sequence[str]) -> None:
-    """Raise :class:`DataError` naming the file and entry of the first question without a usable answer."""
+def check_answers(dataset: ModulatedDetection, attributes: Sequence[str], *,
+                  require_answers: bool = True) -> None:
+    """Raise :class:`DataError` naming the file and entry of the first question without a usable answer
+    (with ``require_answers`` False, questions without one are allowed: test splits have none)."""
     kept = set(dataset.ids)
     for entry in dataset.ground_truth.get("images", []):
         if entry.get("id") not in kept:
             continue
         name = image_entry_name(entry)
         if "answer" not in entry:
+            if not require_answers:
+                continue
             raise DataError("a QA entry needs an 'answer' (model.qa_dataset=clevr)", file=dataset.file,
                             entry=name)
         try:
@@ -89,16 +98,9 @@ def predict_answers(model: nn.Module, loader: Iterable[Batch], *, device: str | 
                     progress: bool = False) -> dict[int, dict[str, Any]]:
     """Image id -> ``scores`` (Q,), ``boxes`` (Q, 4) xyxy original pixels, ``answer`` str and
     ``answer_confidence`` float, for every question of the loader."""
-    model.eval()
     attributes = clevr_attributes(model.config.qa_attributes)
-    if progress:
-        from tqdm import tqdm
-
-        loader = tqdm(loader, desc="eval", leave=False)
     results: dict[int, dict[str, Any]] = {}
-    for batch in loader:
-        batch = batch.to(device)
-        outputs = model(batch.images, batch.masks, batch.captions)
+    for batch, outputs in batch_outputs(model, loader, device=device, progress=progress):
         answers = decode_clevr_answers(outputs.qa, attributes)
         confidence = answer_confidence(outputs.qa).tolist()
         sizes = torch.stack([t["orig_size"] for t in batch.targets])
@@ -111,13 +113,15 @@ def predict_answers(model: nn.Module, loader: Iterable[Batch], *, device: str | 
 
 def score_answers(ground_truth: Mapping[str, Any], predictions: Mapping[int, Mapping[str, Any]], *,
                   attributes: Sequence[str], box_ap: bool = True) -> dict[str, Any]:
-    """``{"qa": qa_accuracy(...), "box_ap": ...}`` of predictions for entries of an MDETR QA file."""
+    """``{"qa": qa_accuracy(...), "box_ap": ...}`` of predictions for entries of an MDETR QA file (or a
+    converted CLEVR questions file); questions without an answer are not scored, a file without boxes gets
+    no box AP."""
     entries = {e["id"]: e for e in ground_truth["images"]}
-    ids = [i for i in predictions if i in entries]
+    ids = [i for i in predictions if i in entries and "answer" in entries[i]]
     summaries: dict[str, Any] = {"qa": qa_accuracy(
         [predictions[i]["answer"] for i in ids], [str(entries[i]["answer"]) for i in ids],
-        [str(entries[i].get("question_type", "all")) for i in ids], attributes=attributes)}
-    if box_ap:
+        [entry_family(entries[i]) for i in ids], attributes=attributes)}
+    if box_ap and ground_truth.get("annotations"):
         evaluator = CocoBoxEvaluator(ground_truth)
         evaluator.update({i: {"scores": predictions[i]["scores"], "boxes": predictions[i]["boxes"]}
                           for i in ids})
@@ -126,15 +130,22 @@ def score_answers(ground_truth: Mapping[str, Any], predictions: Mapping[int, Map
 
 
 def evaluate_qa(model: nn.Module, loader: Iterable[Batch], dataset: ModulatedDetection, *,
-                device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
-    """Answer accuracy (overall, per family, per answer type) and box AP of a CLEVR QA model."""
+                device: str | torch.device = "cpu", progress: bool = False,
+                predictions_file: str | Path | None = None) -> dict[str, Any]:
+    """Answer accuracy (overall, per family, per answer type) and box AP of a CLEVR QA model;
+    ``predictions_file`` receives every answer, one per line in questionId order (``eval_clevr.py``)."""
     predictions = predict_answers(model, loader, device=device, progress=progress)
+    if predictions_file is not None:
+        write_clevr_predictions(predictions_file, dataset.ground_truth,
+                                {i: p["answer"] for i, p in predictions.items()})
     return score_answers(dataset.ground_truth, predictions,
                          attributes=clevr_attributes(model.config.qa_attributes))
 
 
 def format_qa_metrics(metrics: Mapping[str, Any]) -> str:
     qa = metrics["qa"]
+    if not qa["num_questions"]:
+        return "no question has a ground-truth answer to score"
     lines = [f"Answer accuracy {qa['accuracy'] * 100:.2f} over {qa['num_questions']} questions"]
     for name, value in qa.get("per_family", {}).items():
         lines.append(f"  {name:<20} {value * 100:6.2f}  ({qa['family_counts'][name]} questions)")
@@ -155,7 +166,7 @@ class QATask(GroundingTask):
 
     def dataset(self, config: Config, split: str, model: nn.Module) -> ModulatedDetection:
         dataset = super().dataset(config, split, model)
-        check_answers(dataset, clevr_attributes(config.model.qa_attributes))
+        check_answers(dataset, clevr_attributes(config.model.qa_attributes), require_answers=split == "train")
         return dataset
 
     def evaluate(self, config: Config, model: nn.Module, loader: Iterable[Batch],

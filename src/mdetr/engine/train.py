@@ -143,15 +143,29 @@ class GroundingTask:
 
 def training_task(config: Config) -> TrainingTask:
     """The hooks for ``config.task``; a grounding config with ``model.qa_dataset=clevr`` trains question
-    answering (:class:`mdetr.engine.qa.QATask`)."""
+    answering (:class:`mdetr.engine.qa.QATask`), ``gqa`` GQA (:class:`mdetr.engine.gqa.GQATask`), one with
+    ``model.predict_final`` CLEVR-Ref+ (:class:`mdetr.engine.clevr_ref.ClevrRefTask`), one with
+    ``model.masks=true`` referring segmentation (:class:`mdetr.engine.segmentation.SegmentationTask`)."""
     if config.task == "detection":
         from mdetr.engine.detection import DetectionTask
 
         return DetectionTask()
+    if config.model.masks:
+        from mdetr.engine.segmentation import SegmentationTask
+
+        return SegmentationTask()
     if config.model.qa_dataset == "clevr":
         from mdetr.engine.qa import QATask
 
         return QATask()
+    if config.model.qa_dataset == "gqa":
+        from mdetr.engine.gqa import GQATask
+
+        return GQATask()
+    if config.model.predict_final:
+        from mdetr.engine.clevr_ref import ClevrRefTask
+
+        return ClevrRefTask()
     return GroundingTask()
 
 

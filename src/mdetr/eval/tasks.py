@@ -10,6 +10,9 @@ thin wrapper around :func:`run_benchmark`.
 - ``refexp``: one or more ``finetune_{dataset}_{split}.json`` files; precision@1/5/10 with GIoU >= 0.5
   (official) or IoU >= 0.5, plus class-agnostic box AP.
 - ``lvis``: an LVIS v1 file (minival for the paper) and the COCO 2017 image root; box AP fixed.
+- ``phrasecut``: ``finetune_phrasecut_{split}.json`` or the original ``refer_{split}.json`` and the Visual
+  Genome image folder; mean IoU, cumulative IoU and Pr@0.5/0.7/0.9 of the union of the masks of the boxes
+  scoring above 0.7 (Table 5), and the same for the boxes (a box-only model gets those alone).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from mdetr.eval.lvis import CHUNK_SIZE, TOPK_PER_CATEGORY, LvisEvaluator, detect
 from mdetr.eval.refexp import RefExpEvaluator
 from mdetr.inference.postprocess import post_process
 
-BENCHMARKS = ("flickr", "refexp", "lvis")
+BENCHMARKS = ("flickr", "refexp", "lvis", "phrasecut")
 
 
 @dataclass
@@ -57,6 +60,8 @@ class BenchmarkOptions:
     chunk_size: int = CHUNK_SIZE
     topk: int = TOPK_PER_CATEGORY
     max_images: int = 0
+    # phrasecut: the image list of a refer_*.json file (default: image_data_split3000.json beside it)
+    image_data: str | None = None
 
 
 def run_benchmark(
@@ -76,6 +81,8 @@ def run_benchmark(
         return evaluate_flickr(model, ann_files[0], images, options)
     if task == "refexp":
         return evaluate_refexp(model, ann_files, images, options)
+    if task == "phrasecut":
+        return evaluate_phrasecut(model, ann_files[0], images, options)
     return evaluate_lvis(model, ann_files[0], images, options)
 
 
@@ -224,6 +231,28 @@ def evaluate_lvis(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# PhraseCut
+
+
+def evaluate_phrasecut(
+    model: nn.Module, ann_file: str | os.PathLike, images: str | os.PathLike, options: BenchmarkOptions
+) -> dict[str, Any]:
+    """Mask (and box) metrics of a model on a PhraseCut file; see :mod:`mdetr.eval.phrasecut`."""
+    from mdetr.data.phrasecut import PhraseCutDataset, split_from_file_name
+    from mdetr.engine.segmentation import predict_phrasecut, score_phrasecut
+
+    transforms = build_transforms(model.train_config.data, "val")
+    dataset = PhraseCutDataset(ann_file, images, tokenizer=model.tokenizer, transforms=transforms,
+                               masks=False, image_data=options.image_data)
+    loader = DataLoader(dataset, batch_size=options.batch_size, collate_fn=collate)
+    predictions = predict_phrasecut(model.to(options.device), loader, device=options.device,
+                                    progress=options.progress)
+    summary = score_phrasecut(dataset, predictions)["phrasecut"]
+    summary["split"] = split_from_file_name(ann_file) or Path(ann_file).stem
+    return {"task": "phrasecut", "phrasecut": summary}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Tables
 
 
@@ -238,6 +267,11 @@ def format_table(metrics: dict[str, Any]) -> str:
         return _flickr_table(metrics)
     if task == "refexp":
         return _refexp_table(metrics)
+    if task == "phrasecut":
+        from mdetr.engine.segmentation import format_phrasecut_metrics
+
+        summary = metrics["phrasecut"]
+        return format_phrasecut_metrics(summary, title=f"PhraseCut {summary['split']}")
     return _lvis_table(metrics)
 
 

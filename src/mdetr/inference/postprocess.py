@@ -1,4 +1,5 @@
-"""Turn raw MDETR predictions into pixel boxes, scores and the phrases each box grounds."""
+"""Turn raw MDETR predictions into pixel boxes, scores and the phrases each box grounds, and a segmentation
+model's mask logits into masks (one region per phrase for PhraseCut)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from mdetr.models.mdetr import MDETROutput
 from mdetr.ops.boxes import box_cxcywh_to_xyxy
+from mdetr.ops.masks import mask_to_rle
 
 
 @torch.no_grad()
@@ -46,16 +48,57 @@ def post_process_masks(
     Returns per image a (Q, H, W) bool tensor: logits upsampled (bilinear) to the padded input size, cropped
     to the image, resized (bilinear) to the original size, then sigmoid > threshold.
     """
-    padded_h, padded_w = image_sizes.max(0).values.tolist()
-    logits = F.interpolate(pred_masks.float(), size=(padded_h, padded_w), mode="bilinear",
-                           align_corners=False)
-    masks = []
-    for logit, (h, w), (orig_h, orig_w) in zip(logits, image_sizes.tolist(), original_sizes.tolist(),
-                                               strict=True):
-        cropped = logit[None, :, :h, :w]  # (1, Q, h, w)
-        resized = F.interpolate(cropped, size=(orig_h, orig_w), mode="bilinear", align_corners=False)
-        masks.append(resized[0].sigmoid() > threshold)
-    return masks
+    padded = tuple(image_sizes.max(0).values.tolist())
+    sizes = zip(image_sizes.tolist(), original_sizes.tolist(), strict=True)
+    return [mask_logits_at_original_size(logits, padded, size, original).sigmoid() > threshold
+            for logits, (size, original) in zip(pred_masks, sizes, strict=True)]
+
+
+def mask_logits_at_original_size(logits: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int],
+                                 original_size: tuple[int, int]) -> Tensor:
+    """One image's mask logits (K, h, w) at stride 4 of a batch padded to ``padded_size`` -> (K, H, W) logits
+    at ``original_size``: upsampled (bilinear) to the padded size, cropped to ``image_size`` (the image as fed
+    to the model), resized (bilinear) to the original size. All sizes are (height, width)."""
+    if len(logits) == 0:
+        return logits.new_zeros((0, *original_size), dtype=torch.float32)
+    upsampled = F.interpolate(logits[None].float(), size=tuple(padded_size), mode="bilinear",
+                              align_corners=False)
+    height, width = image_size
+    cropped = upsampled[:, :, :height, :width]
+    return F.interpolate(cropped, size=tuple(original_size), mode="bilinear", align_corners=False)[0]
+
+
+PHRASECUT_SCORE_THRESHOLD = 0.7
+"""The official PhraseCut post-processing keeps the boxes scoring above this."""
+
+
+@torch.no_grad()
+def post_process_phrasecut(
+    outputs: MDETROutput, image_sizes: Tensor, original_sizes: Tensor, *,
+    score_threshold: float = PHRASECUT_SCORE_THRESHOLD, mask_threshold: float = 0.5,
+) -> list[dict[str, Tensor]]:
+    """One mask per phrase: the union of the masks of the boxes scoring above ``score_threshold``.
+
+    outputs: a segmentation model's predictions for B images (``pred_masks`` (B, Q, h, w) logits).
+    image_sizes: (B, 2) (height, width) of each image as fed to the model, before padding.
+    original_sizes: (B, 2) (height, width) of the original images.
+    Returns per image ``scores`` (Q,) = 1 - p(no object), ``boxes`` (Q, 4) xyxy original pixels, ``keep``
+    (K,) int64 the kept queries best first, and ``mask`` (H, W) bool at the original size: pixels where some
+    kept query's mask probability exceeds ``mask_threshold`` (all False when no box is kept). Only the kept
+    queries' masks are resized.
+    """
+    if outputs.pred_masks is None:
+        raise ValueError("post_process_phrasecut needs a segmentation model's outputs (model.masks=true)")
+    padded = tuple(image_sizes.max(0).values.tolist())
+    results = post_process(outputs, original_sizes)
+    for b, (result, size, original) in enumerate(zip(results, image_sizes.tolist(), original_sizes.tolist(),
+                                                     strict=True)):
+        keep = rank_detections(result["scores"], threshold=score_threshold)
+        # (K, H, W): only the kept queries' masks are resized
+        logits = mask_logits_at_original_size(outputs.pred_masks[b, keep], padded, size, original)
+        result["keep"] = keep
+        result["mask"] = (logits.sigmoid() > mask_threshold).any(0)
+    return results
 
 
 def token_char_spans(tokenized: object, batch_index: int, token_ids: list[int]) -> list[tuple[int, int]]:
@@ -104,6 +147,23 @@ class Grounding:
             for record, label in zip(records, self.labels.tolist(), strict=True):
                 record["label"] = label
         return records
+
+
+@dataclass
+class Segmentation:
+    """The region a sentence refers to in one image (a segmentation model, PhraseCut): ``mask`` (H, W) bool
+    at the original size, the union of the masks of the boxes scoring above the threshold, and
+    ``grounding``, those boxes with their scores and phrases."""
+
+    mask: Tensor
+    grounding: Grounding
+
+    def to_json(self) -> dict:
+        """``mask_rle`` (COCO compressed RLE ``{"size": [H, W], "counts"}``), ``mask_area`` (pixels) and the
+        boxes (:meth:`Grounding.to_json`)."""
+        mask = self.mask.cpu().numpy()
+        return {"mask_rle": mask_to_rle(mask), "mask_area": int(mask.sum()),
+                "boxes": self.grounding.to_json()}
 
 
 def rank_detections(scores: Tensor, *, threshold: float, top_k: int | None = None) -> Tensor:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from mdetr.inference.optimize import optimize_for_inference
-from mdetr.inference.postprocess import Grounding
+from mdetr.inference.postprocess import Grounding, Segmentation, post_process_phrasecut
 from mdetr.inference.processor import (
     ClassPrompt,
     GroundingProcessor,
@@ -46,8 +46,9 @@ def open_image(image: ImageInput) -> Image.Image:
 
 @dataclass
 class Answer:
-    """A CLEVR QA model's answer to one question about one image: ``answer`` (the decoded word),
-    ``answer_type`` ("binary", "attribute" or "count"), ``confidence`` = p(type) x p(answer | type), and the
+    """A QA model's answer to one question about one image: ``answer`` (the decoded word), ``answer_type``
+    (CLEVR: "binary", "attribute" or "count"; GQA: the semantic type "obj", "attr", "rel", "global" or "cat",
+    "" for the unified head), ``confidence`` = p(type) x p(answer | type), and the
     ``grounding``: the boxes the question's phrases refer to, which support the answer."""
 
     question: str
@@ -134,32 +135,67 @@ class Predictor:
     @torch.no_grad()
     def answer_batch(self, images: Sequence[ImageInput], questions: Sequence[str], *, threshold: float = 0.7,
                      top_k: int | None = None, text_threshold: float = 0.1) -> list[Answer]:
-        """Answer one question per image (a ``model.qa_dataset=clevr`` model), with the boxes it grounds."""
-        from mdetr.losses.qa import answer_confidence, decode_clevr_answers
+        """Answer one question per image (a QA model: ``model.qa_dataset`` clevr or gqa), with the boxes it
+        grounds. A GQA answer's ``answer_type`` is the semantic type its type head chose."""
+        from mdetr.losses.qa import answer_confidence, decode_clevr_answers, decode_gqa_answers
         from mdetr.models.heads import CLEVR_ANSWER_TYPES, clevr_attributes
 
         config = getattr(self.model, "config", None)
         qa_dataset = getattr(config, "qa_dataset", "")
-        if qa_dataset != "clevr":
-            raise ValueError("answering questions needs a CLEVR-style QA model (model.qa_dataset=clevr); "
+        if qa_dataset not in ("clevr", "gqa"):
+            raise ValueError("answering questions needs a QA model (model.qa_dataset=clevr or gqa); "
                              f"this model has qa_dataset={qa_dataset!r}")
         if len(images) != len(questions):
             raise ValueError(f"got {len(images)} images but {len(questions)} questions")
         inputs = self.processor([open_image(im) for im in images], list(questions))
         outputs = self._forward(inputs["pixel_values"], inputs["pixel_mask"], inputs["captions"])
-        answers = decode_clevr_answers(outputs.qa, clevr_attributes(config.qa_attributes))
-        types = outputs.qa["answer_type"].argmax(-1).tolist()
-        confidence = answer_confidence(outputs.qa).tolist()
+        if qa_dataset == "gqa":
+            decoded = decode_gqa_answers(outputs.qa, config.qa_answers)
+            answers = [d.answer for d in decoded]
+            types = [d.answer_type for d in decoded]
+            confidence = [d.confidence for d in decoded]
+        else:
+            answers = decode_clevr_answers(outputs.qa, clevr_attributes(config.qa_attributes))
+            types = [CLEVR_ANSWER_TYPES[t] for t in outputs.qa["answer_type"].argmax(-1).tolist()]
+            confidence = answer_confidence(outputs.qa).tolist()
         detections = post_process_grounded_detection(
             outputs, target_sizes=inputs["target_sizes"], threshold=threshold, text_threshold=text_threshold,
             top_k=top_k, captions=list(questions))
-        return [Answer(q, a, CLEVR_ANSWER_TYPES[t], c, _grounding(d))
+        return [Answer(q, a, t, c, _grounding(d))
                 for q, a, t, c, d in zip(questions, answers, types, confidence, detections, strict=True)]
 
     def answer(self, image: ImageInput, question: str, *, threshold: float = 0.7,
                top_k: int | None = None) -> Answer:
         """The answer to one question about one image, with its supporting boxes."""
         return self.answer_batch([image], [question], threshold=threshold, top_k=top_k)[0]
+
+    @torch.no_grad()
+    def segment_batch(self, images: Sequence[ImageInput], texts: Sequence[str], *, threshold: float = 0.7,
+                      mask_threshold: float = 0.5, text_threshold: float = 0.1) -> list[Segmentation]:
+        """The region each (image, sentence) pair's sentence refers to (a segmentation model, PhraseCut): the
+        union of the masks of the boxes scoring above ``threshold`` (official 0.7), each mask cut at
+        probability ``mask_threshold``, at the original image size; with those boxes and their phrases."""
+        if not getattr(getattr(self.model, "config", None), "masks", False):
+            raise ValueError("segmenting needs a segmentation model (model.masks=true); this model predicts "
+                             "boxes only")
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts")
+        inputs = self.processor([open_image(im) for im in images], list(texts))
+        outputs = self._forward(inputs["pixel_values"], inputs["pixel_mask"], inputs["captions"])
+        unpadded = ~inputs["pixel_mask"]  # (B, H, W): an image's rows and columns start at 0
+        sizes = torch.stack([unpadded[:, :, 0].sum(1), unpadded[:, 0, :].sum(1)], dim=-1)  # (B, 2) as fed
+        regions = post_process_phrasecut(outputs, sizes, inputs["target_sizes"], score_threshold=threshold,
+                                         mask_threshold=mask_threshold)
+        detections = post_process_grounded_detection(
+            outputs, target_sizes=inputs["target_sizes"], threshold=threshold, text_threshold=text_threshold,
+            captions=list(texts))
+        return [Segmentation(region["mask"].cpu(), _grounding(d))
+                for region, d in zip(regions, detections, strict=True)]
+
+    def segment(self, image: ImageInput, text: str, *, threshold: float = 0.7,
+                mask_threshold: float = 0.5) -> Segmentation:
+        """The mask of the region ``text`` refers to in one image, with its boxes."""
+        return self.segment_batch([image], [text], threshold=threshold, mask_threshold=mask_threshold)[0]
 
     def class_prompts(self, class_names: Sequence[str], *,
                       max_tokens: int | None = None) -> list[ClassPrompt]:

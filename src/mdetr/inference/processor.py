@@ -117,7 +117,8 @@ class GroundingProcessor:
     def for_model(cls, model: torch.nn.Module, *, image_size: int = 800,
                   max_size: int = 1333) -> GroundingProcessor:
         """A processor with the model's tokenizer and token limit (255, or the text encoder's positions)."""
-        limit = min(DEFAULT_MAX_TOKENS, text_encoder_max_tokens(model.transformer.text_encoder.config))
+        detector = getattr(model, "detr", model)  # a segmentation model wraps the detector
+        limit = min(DEFAULT_MAX_TOKENS, text_encoder_max_tokens(detector.transformer.text_encoder.config))
         return cls(model.tokenizer, image_size=image_size, max_size=max_size, max_tokens=limit)
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> tuple[Tensor, Tensor]:
@@ -188,7 +189,8 @@ def post_process_grounded_detection(
     outputs: the model's predictions for B images (``pred_logits`` (B, Q, S), ``pred_boxes`` (B, Q, 4)
         normalised cxcywh; any float dtype).
     target_sizes: (B, 2) (height, width) of the original images; boxes come back in their pixels.
-    threshold: keep boxes whose score ``1 - p(no object)`` is above it.
+    threshold: keep boxes whose score ``1 - p(no object)`` is above it (times p(final) for a model with the
+        CLEVR-Ref+ is-final head).
     text_threshold: a box's phrase is the caption text under the tokens it gives more than this probability
         (its most probable token when none does).
     captions / tokenized: the B captions and their BatchEncoding (default ``outputs.tokenized``); one caption
@@ -216,6 +218,8 @@ def post_process_grounded_detection(
     for i, result in enumerate(post_process(outputs, sizes)):
         row = 0 if shared_encoding else i
         result = {k: v.cpu() for k, v in result.items()}
+        if "scores_refexp" in result:  # CLEVR-Ref+: the referred boxes are those the is-final head keeps
+            result["scores"] = result["scores_refexp"]
         grounding = select_groundings(result, captions_list[i], tokenized, row, threshold=threshold,
                                       top_k=top_k, token_threshold=text_threshold)
         detections = {"scores": grounding.scores, "boxes": grounding.boxes, "phrases": grounding.phrases,

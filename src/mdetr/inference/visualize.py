@@ -1,10 +1,11 @@
-"""Draw groundings on an image (one colour per phrase, the phrase and score written on each box) and the
-token-probability bar chart of a box."""
+"""Draw groundings on an image (one colour per phrase, the phrase and score written on each box), a
+segmentation mask under them, and the token-probability bar chart of a box."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mdetr.inference.postprocess import Grounding
@@ -36,6 +37,21 @@ def draw_groundings(image: Image.Image, grounding: Grounding, *, caption: str | 
     if caption:
         draw.text((4, image.height + 3), caption, fill=(0, 0, 0), font=font)
     return canvas
+
+
+def draw_segmentation(image: Image.Image, mask: np.ndarray, grounding: Grounding, *,
+                      caption: str | None = None, colour: tuple[int, int, int] = (255, 40, 40),
+                      alpha: float = 0.5) -> Image.Image:
+    """``image`` with the region ``mask`` ((H, W) bool, the image's size) tinted in ``colour`` at opacity
+    ``alpha``, then the boxes and caption as :func:`draw_groundings`."""
+    image = image.convert("RGB")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"the mask is {mask.shape[::-1]} (width, height), the image {image.size}")
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels[mask] = (1 - alpha) * pixels[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    tinted = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+    return draw_groundings(tinted, grounding, caption=caption)
 
 
 def draw_token_map(token_probs: Sequence[float], tokens: Sequence[str], *, no_object: float | None = None,

@@ -16,10 +16,13 @@ from mdetr.models.mdetr import MDETROutput
 from mdetr.ops.boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 
-def weight_dict(config: LossConfig, *, num_aux: int, contrastive_align: bool = True) -> dict[str, float]:
+def weight_dict(config: LossConfig, *, num_aux: int, contrastive_align: bool = True,
+                isfinal: bool = False) -> dict[str, float]:
     weights = {"loss_ce": config.ce_coef, "loss_bbox": config.bbox_coef, "loss_giou": config.giou_coef}
     if contrastive_align:
         weights["loss_contrastive_align"] = config.contrastive_align_coef
+    if isfinal:
+        weights["loss_isfinal"] = config.isfinal_coef
     for i in range(num_aux):
         weights.update({f"{k}_{i}": v for k, v in list(weights.items()) if not k[-1].isdigit()})
     return weights
@@ -76,7 +79,9 @@ class SetCriterion(nn.Module):
     """Matches predictions to targets and computes MDETR's losses.
 
     Targets per image: ``boxes`` (N, 4) normalised cxcywh and ``positive_map`` (N, S') bool, the tokens of
-    the caption each box is referred to by (same tokenizer and token positions as the model's input).
+    the caption each box is referred to by (same tokenizer and token positions as the model's input); for
+    a model with the is-final head (CLEVR-Ref+), ``isfinal`` (N,) 1 for the boxes of the final referred set
+    (absent: all 0).
     """
 
     def __init__(self, *, matcher: HungarianMatcher, config: LossConfig, num_token_slots: int) -> None:
@@ -126,7 +131,26 @@ class SetCriterion(nn.Module):
                 out.proj_queries, out.proj_tokens, positive, out.text_padding_mask, self.config.temperature
             )
             losses["loss_contrastive_align"] = loss / num_boxes
+        if out.pred_isfinal is not None:
+            losses.update(self._isfinal_loss(out, indices, batch_idx, query_idx, targets, num_boxes))
         return losses
+
+    def _isfinal_loss(
+        self, out: MDETROutput, indices: list[tuple[Tensor, Tensor]], batch_idx: Tensor, query_idx: Tensor,
+        targets: list[dict], num_boxes: float,
+    ) -> dict[str, Tensor]:
+        """CLEVR-Ref+: BCE with logits of the matched queries' is-final logit against their box's
+        ``isfinal``, summed and divided by num_boxes; ``accuracy_isfinal`` (logit > 0) is logged only."""
+        logits = out.pred_isfinal[batch_idx, query_idx, 0].float()  # (M,)
+        device = logits.device
+        wanted = [t.get("isfinal", torch.zeros(len(t["boxes"]))).to(device).float()[tgt.to(device)]
+                  for t, (_, tgt) in zip(targets, indices, strict=True)]
+        target = torch.cat(wanted) if wanted else logits.new_zeros(0)
+        loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / num_boxes
+        with torch.no_grad():
+            correct = ((logits > 0) == (target > 0.5)).float()
+            accuracy = correct.mean() if len(correct) else torch.ones((), device=device)
+        return {"loss_isfinal": loss, "accuracy_isfinal": accuracy}
 
     def _soft_token_loss(
         self, out: MDETROutput, indices: list[tuple[Tensor, Tensor]], batch_idx: Tensor, query_idx: Tensor,

@@ -1,4 +1,4 @@
-"""Question answering for CLEVR-style data (MDETR Section 4.4): answer encoding, loss and decoding.
+"""Question answering (MDETR Section 4.4): answer encoding, losses and decoding for CLEVR and GQA.
 
 A CLEVR answer is one of three types, each with its own head (:data:`mdetr.models.heads.CLEVR_ANSWER_HEADS`):
 
@@ -8,20 +8,37 @@ A CLEVR answer is one of three types, each with its own head (:data:`mdetr.model
 
 :class:`ClevrQACriterion` is the official ``QACriterionClevr``: cross-entropy of the type head over all
 questions, then each answer head's loss over the questions of its type only (masked sum divided by their
-number, or by 1 when the batch has none). :class:`QASetCriterion` adds it to MDETR's detection losses, and
-:func:`qa_weight_dict` gives the weights: ``loss_answer_type`` ``loss.qa_loss_coef``, the others 1.
+number, or by 1 when the batch has none); :func:`qa_weight_dict` gives its weights: ``loss_answer_type``
+``loss.qa_loss_coef``, the others 1.
+
+A GQA answer has one of five semantic types (obj, attr, rel, global, cat), each with its own head whose
+classes are an answer vocabulary built from the training data (``model.qa_answers``, see
+:mod:`mdetr.data.gqa`). :class:`GQAQACriterion` is the official ``QACriterionGQA``: the same masked scheme
+over the five types (every loss weighted ``loss.qa_loss_coef``, :func:`gqa_weight_dict`), or one
+cross-entropy over all answers for the unified head. An answer missing from a head's vocabulary is
+trained as its ``"unknown"`` class, as the official datasets do.
+
+:class:`QASetCriterion` adds either to MDETR's detection losses, or uses it alone
+(``loss.detection_losses=false``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdetr.models.heads import CLEVR_ANSWER_TYPES, CLEVR_ATTRIBUTES, CLEVR_MAX_COUNT
+from mdetr.models.heads import (
+    CLEVR_ANSWER_TYPES,
+    CLEVR_ATTRIBUTES,
+    CLEVR_MAX_COUNT,
+    GQA_ALL_ANSWERS,
+    GQA_ANSWER_TYPES,
+    GQA_UNKNOWN_ANSWER,
+)
 
 BINARY, ATTRIBUTE, COUNT = 0, 1, 2
 IGNORE = -100
@@ -118,6 +135,10 @@ class ClevrQACriterion(nn.Module):
         super().__init__()
         self.attributes = tuple(attributes)
 
+    def encode_targets(self, targets: Sequence[Mapping], device: torch.device | str) -> dict[str, Tensor]:
+        """The answer targets of a batch's target dicts (each needs ``answer``)."""
+        return answer_targets([str(t["answer"]) for t in targets], self.attributes, device=device)
+
     def forward(self, qa: dict[str, Tensor], answers: dict[str, Tensor]) -> dict[str, Tensor]:
         """qa: the model's ``MDETROutput.qa``; answers: :func:`answer_targets`."""
         answer_type = answers["answer_type"]
@@ -154,38 +175,160 @@ def qa_weight_dict(qa_loss_coef: float) -> dict[str, float]:
             "loss_answer_reg": 1.0}
 
 
-class QASetCriterion(nn.Module):
-    """MDETR's detection losses (:class:`~mdetr.losses.criterion.SetCriterion`) plus the CLEVR QA losses.
+# ------------------------------------------------------------------------------------------------------ GQA
 
-    Each target needs ``answer`` (the string of the entry's ``answer`` field). The QA losses are means over
-    the batch's questions, not divided by the box count: with ``train.accumulate_steps`` > 1 they add up
-    over the micro-batches, as the detection losses do not.
+
+class GQAQACriterion(nn.Module):
+    """The official GQA QA losses and accuracies.
+
+    Split heads (``qa_answers`` keyed by answer type) return ``loss_answer_type`` (CE over the 5 types)
+    and ``loss_answer_{obj,attr,rel,global,cat}`` (CE over that type's vocabulary, over the questions of
+    that type only: masked sum divided by their number, or by 1 when there are none); the unified head
+    (``{"all": [...]}``) returns ``loss_answer_total``. Not weighted into the loss: ``accuracy_answer_type``,
+    ``accuracy_answer_{type}`` (within the type) and ``accuracy_answer_total`` (type and answer both right;
+    an answer outside the vocabulary only counts when the head predicts "unknown", as the official).
     """
 
-    def __init__(self, detection: nn.Module, attributes: Sequence[str] = CLEVR_ATTRIBUTES) -> None:
+    def __init__(self, answers: Mapping[str, Sequence[str]]) -> None:
+        super().__init__()
+        self.answers = {k: tuple(v) for k, v in answers.items()}
+        self.split = GQA_ALL_ANSWERS not in self.answers
+        self._index = {k: {a: i for i, a in enumerate(v)} for k, v in self.answers.items()}
+
+    def _class(self, key: str, answer: str) -> int:
+        """Class of ``answer`` in a head's vocabulary; one it lacks is its "unknown" class (the official
+        fallback), or ignored when the vocabulary has none."""
+        index = self._index[key]
+        return index.get(answer, index.get(GQA_UNKNOWN_ANSWER, IGNORE))
+
+    def encode_targets(self, targets: Sequence[Mapping], device: torch.device | str) -> dict[str, Tensor]:
+        """``answer_type`` (B,) and, per head, ``answer_{type}`` (B,) long (``IGNORE`` for the questions of
+        other types), or ``answer`` (B,) for the unified head; from each target's ``answer`` and
+        ``question_type`` (the GQA semantic type)."""
+        answers = [str(t["answer"]) for t in targets]
+        if not self.split:
+            return {"answer": torch.tensor([self._class(GQA_ALL_ANSWERS, a) for a in answers],
+                                           dtype=torch.long, device=device)}
+        types = [gqa_type_index(t.get("question_type")) for t in targets]
+        encoded = {"answer_type": torch.tensor(types, dtype=torch.long, device=device)}
+        for k, name in enumerate(GQA_ANSWER_TYPES):
+            encoded[f"answer_{name}"] = torch.tensor(
+                [self._class(name, a) if t == k else IGNORE for a, t in zip(answers, types, strict=True)],
+                dtype=torch.long, device=device)
+        return encoded
+
+    def forward(self, qa: dict[str, Tensor], answers: dict[str, Tensor]) -> dict[str, Tensor]:
+        """qa: the model's ``MDETROutput.qa``; answers: :meth:`encode_targets`."""
+        if not self.split:
+            logits = qa["answer"].float()
+            losses = {"loss_answer_total": F.cross_entropy(logits, answers["answer"], ignore_index=IGNORE)}
+            with torch.no_grad():
+                losses["accuracy_answer_total"] = (logits.argmax(-1) == answers["answer"]).float().mean()
+            return losses
+        answer_type = answers["answer_type"]
+        type_logits = qa["answer_type"].float()
+        losses = {"loss_answer_type": F.cross_entropy(type_logits, answer_type)}
+        type_ok = type_logits.argmax(-1) == answer_type
+        answer_ok = torch.zeros_like(type_ok)
+        accuracies = {}
+        for k, name in enumerate(GQA_ANSWER_TYPES):
+            key = f"answer_{name}"
+            of_type = answer_type == k
+            logits = qa[key].float()
+            losses[f"loss_{key}"] = _masked_mean(
+                F.cross_entropy(logits, answers[key], reduction="none", ignore_index=IGNORE), of_type)
+            with torch.no_grad():
+                head_ok = logits.argmax(-1) == answers[key]
+                accuracies[f"accuracy_{key}"] = _accuracy(head_ok, of_type)
+                answer_ok |= of_type & head_ok
+        with torch.no_grad():
+            losses["accuracy_answer_type"] = type_ok.float().mean()
+            losses.update(accuracies)
+            losses["accuracy_answer_total"] = (type_ok & answer_ok).float().mean()
+        return losses
+
+
+def gqa_type_index(question_type: object) -> int:
+    """Index of a GQA semantic type ("obj", "attr", "rel", "global", "cat") in the type head."""
+    if question_type not in GQA_ANSWER_TYPES:
+        raise ValueError(f"question type {question_type!r} is not one of the GQA semantic types "
+                         f"{', '.join(GQA_ANSWER_TYPES)}")
+    return GQA_ANSWER_TYPES.index(str(question_type))
+
+
+def gqa_weight_dict(qa_loss_coef: float, *, split_qa_heads: bool = True) -> dict[str, float]:
+    """The official GQA weights: every answer loss ``qa_loss_coef``."""
+    if not split_qa_heads:
+        return {"loss_answer_total": qa_loss_coef}
+    return {f"loss_answer_{k}": qa_loss_coef for k in ("type", *GQA_ANSWER_TYPES)}
+
+
+@dataclass(frozen=True)
+class GQAPrediction:
+    """A decoded GQA answer: the word, its semantic type (the unified head: ``""``) and
+    p(type) x p(answer)."""
+
+    answer: str
+    answer_type: str
+    confidence: float
+
+
+def decode_gqa_answers(qa: dict[str, Tensor], answers: Mapping[str, Sequence[str]]) -> list[GQAPrediction]:
+    """The answers of a batch of GQA head outputs (the official ``eval_gqa.py`` rule): the type head's
+    argmax picks the head, whose argmax is mapped through that type's vocabulary; the unified head's
+    argmax through the whole vocabulary."""
+    if not answers:
+        raise ValueError("decoding GQA answers needs the answer vocabularies (model.qa_answers); a converted "
+                         "official checkpoint gets them from gqa_answer2id_by_type.json")
+    if GQA_ALL_ANSWERS in answers:
+        probs = qa["answer"].float().softmax(-1)
+        best, index = probs.max(-1)
+        return [GQAPrediction(answers[GQA_ALL_ANSWERS][i], "", p)
+                for i, p in zip(index.tolist(), best.tolist(), strict=True)]
+    type_probs = qa["answer_type"].float().softmax(-1)
+    type_p, types = type_probs.max(-1)
+    per_head = {name: qa[f"answer_{name}"].float().softmax(-1).max(-1) for name in GQA_ANSWER_TYPES}
+    decoded = []
+    for b, (t, pt) in enumerate(zip(types.tolist(), type_p.tolist(), strict=True)):
+        name = GQA_ANSWER_TYPES[t]
+        p, i = per_head[name]
+        decoded.append(GQAPrediction(answers[name][int(i[b])], name, pt * float(p[b])))
+    return decoded
+
+
+# ------------------------------------------------------------------------------------------ with detection
+
+
+class QASetCriterion(nn.Module):
+    """MDETR's detection losses (:class:`~mdetr.losses.criterion.SetCriterion`) plus the answer losses of
+    ``qa`` (:class:`ClevrQACriterion` or :class:`GQAQACriterion`); ``detection`` None trains the answers
+    alone (``loss.detection_losses=false``).
+
+    Each target needs ``answer`` (the entry's ``answer`` field; GQA also ``question_type``). The QA losses
+    are means over the batch's questions, not divided by the box count: with ``train.accumulate_steps`` > 1
+    they add up over the micro-batches, as the detection losses do not.
+    """
+
+    def __init__(self, detection: nn.Module | None, qa: ClevrQACriterion | GQAQACriterion) -> None:
         super().__init__()
         self.detection = detection
-        self.qa = ClevrQACriterion(attributes)
-
-    @property
-    def attributes(self) -> tuple[str, ...]:
-        return self.qa.attributes
+        self.qa = qa
 
     def forward(self, outputs, targets: list[dict], num_boxes: float | None = None) -> dict[str, Tensor]:
-        losses = self.detection(outputs, targets, num_boxes=num_boxes)
+        losses = {} if self.detection is None else self.detection(outputs, targets, num_boxes=num_boxes)
         if not outputs.qa:
-            raise ValueError("QASetCriterion needs a QA model's outputs (model.qa_dataset=clevr)")
+            raise ValueError("QASetCriterion needs a QA model's outputs (model.qa_dataset=clevr or gqa)")
         missing = [t.get("image_id") for t in targets if "answer" not in t]
         if missing:
             raise ValueError(f"QA training needs an 'answer' in every entry; entries {missing[:5]} have none")
-        device = outputs.qa["answer_type"].device
-        answers = answer_targets([str(t["answer"]) for t in targets], self.attributes, device=device)
-        losses.update(self.qa(outputs.qa, answers))
+        device = next(iter(outputs.qa.values())).device
+        losses.update(self.qa(outputs.qa, self.qa.encode_targets(targets, device)))
         return losses
 
 
 __all__ = [
     "ATTRIBUTE", "BINARY", "COUNT", "CLEVR_ANSWER_TYPES", "ClevrQACriterion", "EncodedAnswer",
-    "QASetCriterion", "answer_confidence", "answer_targets", "decode_clevr_answers", "encode_clevr_answer",
+    "GQAPrediction", "GQAQACriterion", "QASetCriterion", "answer_confidence", "answer_targets",
+    "decode_clevr_answers", "decode_gqa_answers", "encode_clevr_answer", "gqa_type_index", "gqa_weight_dict",
     "qa_weight_dict",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -62,6 +63,11 @@ CLEVR_ANSWER_HEADS = (
 
 # Class index -> meaning for the type heads, as in the official datasets.
 GQA_ANSWER_TYPES = ("obj", "attr", "rel", "global", "cat")
+# The key of the unified head's vocabulary in ``model.qa_answers`` (split heads use GQA_ANSWER_TYPES).
+GQA_ALL_ANSWERS = "all"
+# The answer a GQA target falls back to when the head's vocabulary lacks the true one (as the official
+# datasets map unseen answers); every vocabulary built from data holds it.
+GQA_UNKNOWN_ANSWER = "unknown"
 CLEVR_ANSWER_TYPES = ("binary", "attribute", "count")
 # Count answers 0 .. CLEVR_MAX_COUNT are the classes of the answer_reg head.
 CLEVR_MAX_COUNT = 19
@@ -76,17 +82,32 @@ def clevr_attributes(qa_attributes: list[str] | tuple[str, ...] = ()) -> tuple[s
     return tuple(qa_attributes) or CLEVR_ATTRIBUTES
 
 
+def gqa_answer_head_specs(qa_answers: Mapping[str, Sequence[str]] | None = None, *,
+                          split_qa_heads: bool = True) -> tuple[AnswerHeadSpec, ...]:
+    """The GQA heads, sized by ``qa_answers`` (answer type -> answer list, or ``{"all": [...]}`` for the
+    unified head) when given, else by the released checkpoints' vocabularies."""
+    if not qa_answers:
+        return GQA_ANSWER_HEADS if split_qa_heads else GQA_UNIFIED_ANSWER_HEADS
+    if not split_qa_heads:
+        return (AnswerHeadSpec("answer", len(qa_answers[GQA_ALL_ANSWERS])),)
+    return tuple(AnswerHeadSpec(spec.name, len(qa_answers[spec.name.removeprefix("answer_")]))
+                 if spec.name != "answer_type" else spec for spec in GQA_ANSWER_HEADS)
+
+
 def answer_head_specs(qa_dataset: str, *, split_qa_heads: bool = True,
-                      qa_attributes: list[str] | tuple[str, ...] = ()) -> tuple[AnswerHeadSpec, ...]:
+                      qa_attributes: list[str] | tuple[str, ...] = (),
+                      qa_answers: Mapping[str, Sequence[str]] | None = None) -> tuple[AnswerHeadSpec, ...]:
     """The heads (and so the number of QA queries) of a QA variant; ``()`` when ``qa_dataset`` is empty.
 
     qa_attributes: CLEVR only, the attribute answer vocabulary (one ``answer_attr`` class each); empty is
         CLEVR's 15 (:data:`CLEVR_ATTRIBUTES`), the released checkpoints' head.
+    qa_answers: GQA only, the answer vocabulary of each answer head (``model.qa_answers``); empty gives
+        the released checkpoints' head sizes (obj 3, rel 1594, attr 403, cat 678, global 111; unified 1853).
     """
     if not qa_dataset:
         return ()
     if qa_dataset == "gqa":
-        return GQA_ANSWER_HEADS if split_qa_heads else GQA_UNIFIED_ANSWER_HEADS
+        return gqa_answer_head_specs(qa_answers, split_qa_heads=split_qa_heads)
     if qa_dataset == "clevr" and split_qa_heads:
         attributes = clevr_attributes(qa_attributes)
         if len(attributes) == len(CLEVR_ATTRIBUTES):

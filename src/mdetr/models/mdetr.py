@@ -6,7 +6,9 @@ object queries predict boxes and, per box, a distribution over the sentence's to
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,11 @@ class MDETROutput:
     qa: answer logits of a QA model, keyed by head name (the official key is ``"pred_" + name``); empty
         otherwise. GQA: ``answer_type`` (B, 5) over (obj, attr, rel, global, cat), ``answer_obj`` (B, 3),
         ``answer_rel`` (B, 1594), ``answer_attr`` (B, 403), ``answer_cat`` (B, 678), ``answer_global``
-        (B, 111); unified GQA: ``answer`` (B, 1853). CLEVR: ``answer_type`` (B, 3) over (binary, attribute,
-        count), ``answer_binary`` (B,) yes-logit, ``answer_reg`` (B, 20) count classes, ``answer_attr``
-        (B, 15). Read from the first decoder layer, so only at the top level, never in ``aux_outputs``.
+        (B, 111) (the released sizes; a model trained here has one class per answer of
+        ``config.qa_answers``); unified GQA: ``answer`` (B, 1853). CLEVR: ``answer_type`` (B, 3) over (binary,
+        attribute, count), ``answer_binary`` (B,) yes-logit, ``answer_reg`` (B, 20) count classes,
+        ``answer_attr`` (B, 15). Read from the first decoder layer, so only at the top level, never in
+        ``aux_outputs``.
     pred_isfinal: (B, Q, 1) logit that a box belongs to the final referred set (CLEVR-Ref+), or None.
     pred_masks: (B, Q, H/4, W/4) mask logits of the segmentation model (size of the stride-4 backbone
         level of the padded batch), or None.
@@ -70,12 +74,50 @@ class BackboneWithMask(nn.Module):
         freeze_levels_from(body, self.num_levels)
 
     def forward(self, images: Tensor, masks: Tensor) -> list[tuple[Tensor, Tensor]]:
-        features = self.body(images, levels=self.num_levels)
-        out = []
-        for feat in features.values():
-            mask = F.interpolate(masks[None].float(), size=feat.shape[-2:])[0].to(torch.bool)
-            out.append((feat, mask))
-        return out
+        return [(feat, _level_mask(masks, feat)) for feat in self.body(images, levels=self.num_levels).values()]
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """The feature maps of the first ``num_levels`` levels, without their masks."""
+        return list(self.body(images, levels=self.num_levels).values())
+
+
+def _level_mask(masks: Tensor, feat: Tensor) -> Tensor:
+    """The (B, H, W) padding mask resized (nearest) to a feature map's size."""
+    return F.interpolate(masks[None].float(), size=feat.shape[-2:])[0].to(torch.bool)
+
+
+class Level(Sequence):
+    """One backbone level as the triple ``(features, mask, pos)``, its mask and position embedding computed
+    on first access: a model reads the mask and position of one or two levels, while the segmentation head
+    reads only the features of the others."""
+
+    def __init__(self, feat: Tensor, masks: Tensor, position: nn.Module) -> None:
+        self.feat = feat
+        self._masks = masks
+        self._position = position
+
+    @cached_property
+    def mask(self) -> Tensor:
+        return _level_mask(self._masks, self.feat)
+
+    @cached_property
+    def pos(self) -> Tensor:
+        return self._position(self.mask).to(self.feat.dtype)
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index: int) -> Tensor:  # type: ignore[override]
+        if not isinstance(index, int):
+            raise TypeError(f"a Level is indexed by 0 (features), 1 (mask) or 2 (pos), got {index!r}")
+        index = index + 3 if index < 0 else index
+        if index == 0:
+            return self.feat
+        if index == 1:
+            return self.mask
+        if index == 2:
+            return self.pos
+        raise IndexError("a Level holds (features, mask, pos)")
 
 
 class Joiner(nn.Sequential):
@@ -87,8 +129,8 @@ class Joiner(nn.Sequential):
     def __init__(self, backbone: BackboneWithMask, position: PositionEmbeddingSine) -> None:
         super().__init__(backbone, position)
 
-    def forward(self, images: Tensor, masks: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:  # type: ignore[override]
-        return [(feat, mask, self[1](mask).to(feat.dtype)) for feat, mask in self[0](images, masks)]
+    def forward(self, images: Tensor, masks: Tensor) -> list[Level]:  # type: ignore[override]
+        return [Level(feat, masks, self[1]) for feat in self[0].features(images)]
 
 
 def _stage_prefixes_from(body: nn.Module, level: int) -> tuple[str, ...]:
@@ -137,8 +179,8 @@ class MDETR(nn.Module):
         d = config.hidden_dim
         body = build_backbone_body(config.backbone, pretrained=config.backbone_pretrained, dilation=config.dilation)
         freeze_backbone_levels(body, config.backbone_frozen_levels)
-        # The mask head reads every level; otherwise nothing past the transformer's level is computed.
-        used = len(body.channels) if config.masks else config.backbone_level + 1
+        # The mask head also reads levels 0-2 (strides 4-16); nothing past the levels read is computed.
+        used = max(config.backbone_level, 2) + 1 if config.masks else config.backbone_level + 1
         self.backbone = Joiner(BackboneWithMask(body, num_levels=used),
                                PositionEmbeddingSine(num_pos_feats=d // 2, normalize=True))
         self.transformer = Transformer(
@@ -166,7 +208,8 @@ class MDETR(nn.Module):
             self.contrastive_align_projection_text = nn.Linear(d, config.contrastive_hdim)
         self.isfinal_embed = nn.Linear(d, 1) if config.predict_final else None
         self.answer_specs = answer_head_specs(config.qa_dataset, split_qa_heads=config.split_qa_heads,
-                                              qa_attributes=config.qa_attributes)
+                                              qa_attributes=config.qa_attributes,
+                                              qa_answers=config.qa_answers)
         self.qa_embed = nn.Embedding(len(self.answer_specs), d) if self.answer_specs else None
         for spec in self.answer_specs:
             # Attributes named like the official ones (``answer_type_head`` ...) so checkpoints load as is.

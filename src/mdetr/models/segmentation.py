@@ -123,11 +123,15 @@ class MDETRSegmentation(nn.Module):
 
     Args:
         detr: the detector; its config must have ``masks=True`` semantics (no QA, no alignment heads).
+        freeze_detector: stop gradients to every parameter of ``detr``, so only the mask branch trains (the
+            official second training stage, ``--frozen_weights``). The detector stays in train mode.
     """
 
-    def __init__(self, *, detr: MDETR) -> None:
+    def __init__(self, *, detr: MDETR, freeze_detector: bool = False) -> None:
         super().__init__()
         self.detr = detr
+        if freeze_detector:
+            detr.requires_grad_(False)
         self.config = detr.config
         d, heads = detr.config.hidden_dim, detr.config.nheads
         self.bbox_attention = QueryAttentionMap(query_dim=d, hidden_dim=d, num_heads=heads)
