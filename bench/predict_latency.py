@@ -162,7 +162,8 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['short_side']} | {r['batch']} | {r['median_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.2f} | {100 * r['fraction_of_matmul_rate']:.0f} % |")
+                     f"{r['p90_ms']:.1f} | {r['images_per_s']:.2f} | "
+                     f"{100 * r['fraction_of_matmul_rate']:.0f} % |")
     return "\n".join(lines)
 
 
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     for size in args.sizes:
         print(f"{size}px: {flops[size] / 1e9:.2f} GFLOP per image; at the float32 matmul rate "
               f"({rates['float32']:.0f} GFLOP/s) {flops[size] / rates['float32'] / 1e6:.1f} ms, at bf16's "
-              f"({rates['bfloat16']:.0f} GFLOP/s) {flops[size] / rates['bfloat16'] / 1e6:.1f} ms", file=sys.stderr)
+              f"({rates['bfloat16']:.0f} GFLOP/s) {flops[size] / rates['bfloat16'] / 1e6:.1f} ms",
+              file=sys.stderr)
     if args.flops_only:
         args.backends = []
     onnx_model, export_s, workdir = None, None, None
