@@ -12,8 +12,14 @@ from mdetr.models.mdetr import parameter_groups
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    groups = parameter_groups(model, lr=config.lr, lr_backbone=config.lr_backbone, lr_text_encoder=config.lr_text_encoder)
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    """AdamW over the three learning-rate groups. PyTorch's fused kernel runs the update where every
+    parameter allows it: the same update up to float rounding, several times faster than the per-tensor
+    loop (the optimizer step is about an eighth of a ResNet-101 training step on a CPU; BENCHMARKS.md)."""
+    groups = parameter_groups(model, lr=config.lr, lr_backbone=config.lr_backbone,
+                              lr_text_encoder=config.lr_text_encoder)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
 def lr_factor(group_name: str, *, schedule: str, epoch: int, step: int, total_steps: int, lr_drop: int,
