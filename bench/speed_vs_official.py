@@ -404,13 +404,15 @@ def official_train(model: nn.Module, official: dict, inputs: Inputs, qa: bool) -
 
 
 def ours_train(model: nn.Module, inputs: Inputs) -> Callable[[], dict]:
-    """One optimisation step of ``mdetr train`` (accumulate_gradients, clip 0.1, AdamW)."""
+    """One optimisation step of ``mdetr train`` (accumulate_gradients, clip 0.1, AdamW), with its defaults:
+    PyTorch's fused AdamW kernel and channels-last backbone activations (``train.channels_last``)."""
     from mdetr.builder import _with_answer_losses
     from mdetr.config import Config, LossConfig, TrainConfig
     from mdetr.data.collate import Batch
     from mdetr.engine.distributed import DistributedContext
     from mdetr.engine.optim import build_optimizer
     from mdetr.engine.train import GroundingTask, accumulate_gradients
+    from mdetr.inference.optimize import channels_last_backbone
     from mdetr.losses.criterion import build_criterion, weight_dict
 
     config = model.config
@@ -424,7 +426,9 @@ def ours_train(model: nn.Module, inputs: Inputs) -> Callable[[], dict]:
     if config.qa_dataset:
         criterion, weights = _with_answer_losses(Config(model=config, loss=loss_config), criterion, weights)
     train_config = TrainConfig()
-    optimizer = build_optimizer(model, train_config)
+    optimizer = build_optimizer(model, train_config)  # fused AdamW, as mdetr train
+    if train_config.channels_last:  # channels-last backbone activations, as mdetr train
+        channels_last_backbone(model, weights=False)
     task, ctx = GroundingTask(), DistributedContext(device=torch.device("cpu"))
     batch = Batch(inputs.images, inputs.masks, inputs.captions, inputs.ours_targets)
 
@@ -613,7 +617,8 @@ MEMORY_KEYS = {"official": "official_inference", "ours": "ours_inference",
                "ours_inference_copy_bf16": "ours_inference_copy_bf16"}
 TRAIN_LABELS = {"official": "official engine.train_one_epoch body: forward (two stages), SetCriterion "
                             "(+ CLEVR QA), backward, clip 0.1, AdamW",
-                "ours": "mdetr accumulate_gradients (forward, criterion, backward), clip 0.1, AdamW"}
+                "ours": "mdetr accumulate_gradients (forward, criterion, backward; channels-last backbone "
+                        "activations), clip 0.1, fused AdamW"}
 
 
 def tables(results: dict) -> str:

@@ -98,3 +98,33 @@ def test_optimizer_runs_fused_and_matches_the_per_tensor_adamw(shapes_dir, tmp_p
     assert moved > 1e-5  # the steps did move the weights, so agreeing is not trivial
     for p, q in trained:
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_channels_last_training_computes_the_same_run(shapes_dir, tmp_path, tiny_overrides):
+    """train.channels_last feeds the backbone channels-last images: the same losses and weights as the
+    default layout up to float rounding, with parameters (and so the fused optimizer's state) contiguous."""
+    from mdetr.inference.optimize import channels_last_backbone
+
+    runs = {}
+    for layout in ("true", "false"):
+        config = load_config(None, tiny_overrides(shapes_dir, tmp_path / layout, "train.epochs=1",
+                                                  "train.eval_every=100", f"train.channels_last={layout}"))
+        train(config, progress=False, echo=lambda *_: None)
+        log = [json.loads(line) for line in (tmp_path / layout / "log.jsonl").read_text().splitlines()]
+        runs[layout] = ([r["loss"] for r in log if r["type"] == "train"],
+                        load(tmp_path / layout / "last").state_dict())
+    (losses, weights), (reference_losses, reference_weights) = runs["true"], runs["false"]
+    assert len(losses) > 2 and losses == pytest.approx(reference_losses, rel=1e-4)
+    assert losses[0] != pytest.approx(losses[-1])  # it trained
+    for key, value in reference_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)
+    # the layout the hook gives the backbone, with the weights left contiguous
+    model, _, _ = build(config)
+    assert channels_last_backbone(model, weights=False)
+    seen = []
+    body = model.backbone[0].body
+    body.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), ["a red circle"])
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert all(p.is_contiguous() for p in body.parameters())

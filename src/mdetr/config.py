@@ -307,6 +307,10 @@ class TrainConfig:
     # torch.compile the tensor-only parts (backbone, text encoder, encoder, decoder), in place: checkpoint
     # keys are unchanged. The first steps pay the compilation.
     compile: bool = False
+    # Feed the CNN backbone channels-last images, so its activations are channels-last, where oneDNN's CPU
+    # convolutions (forward and backward) and cuDNN's tensor-core kernels are fastest: the same function up
+    # to float rounding (a ResNet-101 forward + backward about 1.1x faster on 2 CPU cores).
+    channels_last: bool = True
     # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
     # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for all.
     schedule: str = "linear_with_warmup"

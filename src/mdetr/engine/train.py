@@ -43,6 +43,7 @@ from mdetr.engine.evaluate import evaluate, predict_dataset
 from mdetr.engine.faults import FaultTracker, gradient_norm, write_skip_report
 from mdetr.engine.optim import ModelEMA, adjust_learning_rate, build_optimizer
 from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
+from mdetr.inference.optimize import channels_last_backbone
 from mdetr.losses.criterion import total_loss
 
 
@@ -246,6 +247,8 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
     log = JsonlLog(out / "log.jsonl" if ctx.is_main else None)
     device = ctx.device
     model.to(device)
+    if tc.channels_last:
+        channels_last_backbone(model, weights=False)
     train_set = task.dataset(config, "train", model)
     val_set = task.dataset(config, "val", model) if config.data.val_ann else None
     faults = FaultTracker(tc.max_nonfinite_in_a_row)

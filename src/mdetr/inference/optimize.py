@@ -24,7 +24,7 @@ from torch import nn
 
 from mdetr.models.backbones.frozen_bn import FrozenBatchNorm2d
 
-__all__ = ["fold_frozen_batchnorm", "optimize_for_inference"]
+__all__ = ["channels_last_backbone", "fold_frozen_batchnorm", "optimize_for_inference"]
 
 # (convolution, batch norm that follows it) child names in the backbones' blocks: EfficientNet stem and
 # blocks, ResNet stem, blocks and downsample branches.
@@ -77,12 +77,26 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     if body is None:
         return fast
     fold_frozen_batchnorm(body)
-    body.to(memory_format=torch.channels_last)
-    body.register_forward_pre_hook(_to_channels_last)
+    channels_last_backbone(fast)
     for module in body.modules():
         if isinstance(module, nn.ReLU6):
             module.inplace = True
     return fast
+
+
+def channels_last_backbone(model: nn.Module, *, weights: bool = True) -> bool:
+    """Run ``model``'s CNN backbone in channels-last memory format, in place: the images it is given and,
+    with ``weights``, its convolution weights (the activations follow the input's layout either way). For
+    training keep ``weights=False``: parameters, gradients and optimizer state then stay contiguous, which
+    PyTorch's fused AdamW needs (it mixes up tensors of different layouts). False when the model has no
+    MDETR backbone body."""
+    body = _backbone_body(model)
+    if body is None:
+        return False
+    if weights:
+        body.to(memory_format=torch.channels_last)
+    body.register_forward_pre_hook(_to_channels_last)
+    return True
 
 
 def _backbone_body(model: nn.Module) -> nn.Module | None:
