@@ -6,7 +6,7 @@ entry per question, sharing the scene's PNG, with the question as ``caption``, i
 ``question_type``, and one annotation per object the question mentions, whose ``tokens_positive`` are the
 spans of the phrases that mention it. So the detection losses still apply to QA training.
 
-The five families of the CLEVR paper's breakdown (MDETR Table 4):
+The five families of the CLEVR paper's breakdown (MDETR Table 1):
 
 * ``exist``: "are there any red circles?" -> yes / no; boxes: the matching objects;
 * ``count``: "how many large things are there?" -> "0" .. "10"; boxes: the counted objects;

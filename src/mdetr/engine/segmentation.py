@@ -65,7 +65,7 @@ def score_phrasecut(dataset: PhraseCutDataset, predictions: dict[int, dict[str, 
 
 
 def format_phrasecut_metrics(summary: dict[str, Any], *, title: str = "PhraseCut") -> str:
-    """The paper's Table 5 columns (M-IoU, Pr@0.5/0.7/0.9) plus cumulative IoU, for masks and boxes."""
+    """The paper's Table 4 columns (M-IoU, Pr@0.5/0.7/0.9) plus cumulative IoU, for masks and boxes."""
     lines = [f"{title}: {summary['num_evaluated']} phrases"]
     for kind in ("mask", "box"):
         if kind not in summary:

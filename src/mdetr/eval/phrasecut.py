@@ -1,4 +1,4 @@
-"""PhraseCut referring segmentation metrics (Wu et al. 2020; MDETR Section 4.3, Table 5).
+"""PhraseCut referring segmentation metrics (Wu et al. 2020; MDETR Section 4.3, Table 4).
 
 Each entry of a PhraseCut file is one phrase; its ground-truth region is the union of the masks of its
 annotations (every instance the phrase refers to). A prediction is one mask per phrase (MDETR: the union of

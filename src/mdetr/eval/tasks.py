@@ -12,7 +12,7 @@ thin wrapper around :func:`run_benchmark`.
 - ``lvis``: an LVIS v1 file (minival for the paper) and the COCO 2017 image root; box AP fixed.
 - ``phrasecut``: ``finetune_phrasecut_{split}.json`` or the original ``refer_{split}.json`` and the Visual
   Genome image folder; mean IoU, cumulative IoU and Pr@0.5/0.7/0.9 of the union of the masks of the boxes
-  scoring above 0.7 (Table 5), and the same for the boxes (a box-only model gets those alone).
+  scoring above 0.7 (Table 4), and the same for the boxes (a box-only model gets those alone).
 """
 
 from __future__ import annotations
