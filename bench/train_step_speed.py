@@ -36,6 +36,7 @@ from mdetr.data.shapes import generate_shapes
 from mdetr.engine.distributed import DistributedContext
 from mdetr.engine.optim import build_optimizer
 from mdetr.engine.train import GroundingTask, accumulate_gradients, seed_everything
+from mdetr.inference.optimize import channels_last_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 AMP = ("none", "bf16", "fp16")
@@ -72,6 +73,8 @@ def run_setting(args: argparse.Namespace, amp: str) -> dict:
     model, criterion, weights = task.build(config)
     device = torch.device(args.device)
     model.to(device).train()
+    if config.train.channels_last:  # as mdetr train
+        channels_last_backbone(model, weights=False)
     optimizer = build_optimizer(model, config.train)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     ctx = DistributedContext(device=device)

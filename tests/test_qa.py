@@ -281,3 +281,14 @@ def test_train_evaluate_predict_through_the_cli(qa_dir, tmp_path, capsys):
     assert record["question"] == "how many red things are there?"
     encode_clevr_answer(record["answer"], SHAPES_QA_ATTRIBUTES)
     assert len(record["detections"]) == 2
+
+
+def test_gradient_accumulation_is_refused_for_answer_heads():
+    """Answer losses are per-type means over a batch: accumulated micro-batches would not give them, so the
+    combination is refused with what to do instead."""
+    from mdetr.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"accumulate_steps=2 with answer heads .*data.batch_size"):
+        load_config(None, ["model.qa_dataset=clevr", "train.accumulate_steps=2"])
+    assert load_config(None, ["model.qa_dataset=clevr"]).train.accumulate_steps == 1
+    assert load_config(None, ["train.accumulate_steps=2"]).train.accumulate_steps == 2

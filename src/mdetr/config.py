@@ -399,6 +399,12 @@ class Config:
         if not self.loss.detection_losses and not self.model.qa_dataset:
             raise ConfigError("loss.detection_losses=false leaves only the answer losses: it needs a QA "
                               "model (model.qa_dataset=gqa or clevr)")
+        if self.model.qa_dataset and self.train.accumulate_steps > 1:
+            raise ConfigError(
+                f"train.accumulate_steps={self.train.accumulate_steps} with answer heads (model.qa_dataset="
+                f"{self.model.qa_dataset}): the answer losses are means over each batch's questions of a "
+                "type, which adding up micro-batches would not reproduce; raise data.batch_size or train on "
+                "more processes (torchrun) instead")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -305,8 +305,8 @@ class QASetCriterion(nn.Module):
     alone (``loss.detection_losses=false``).
 
     Each target needs ``answer`` (the entry's ``answer`` field; GQA also ``question_type``). The QA losses
-    are means over the batch's questions, not divided by the box count: with ``train.accumulate_steps`` > 1
-    they add up over the micro-batches, as the detection losses do not.
+    are means over the batch's questions (of each type), not divided by the box count, so micro-batches
+    cannot add up to them: a QA config refuses ``train.accumulate_steps`` > 1.
     """
 
     def __init__(self, detection: nn.Module | None, qa: ClevrQACriterion | GQAQACriterion) -> None:
