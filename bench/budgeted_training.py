@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from mdetr.builder import load
 from mdetr.config import load_config
+from mdetr.data.build import build_dataset
 from mdetr.data.shapes import generate_shapes
 from mdetr.engine.train import train
 
@@ -32,6 +34,14 @@ def ensure_shapes(data_dir: Path, args: argparse.Namespace) -> None:
     if not (data_dir / "val_unseen_scenes.json").exists():
         generate_shapes(data_dir, seed=0, num_train=args.num_train, num_val=args.num_val,
                         num_val_unseen=args.num_val_unseen, progress=True)
+
+
+def load_split(checkpoint: Path, data_dir: Path, ann_name: str) -> tuple:
+    """A trained checkpoint and the evaluation dataset of ``data_dir/ann_name`` read with its config."""
+    model = load(checkpoint)
+    dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=data_dir / ann_name,
+                            image_root=data_dir / "images")
+    return model, dataset
 
 
 def train_budgeted(preset: Path, overrides: list[str], *, processes: int = 1) -> float:

@@ -22,12 +22,11 @@ from budgeted_training import (  # bench/, beside this script
     add_shapes_arguments,
     ensure_shapes,
     learning_curve,
+    load_split,
     train_budgeted,
 )
 from torch.utils.data import DataLoader
 
-from mdetr.builder import load
-from mdetr.data.build import build_dataset
 from mdetr.data.collate import collate
 from mdetr.engine.evaluate import evaluate
 from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
@@ -36,9 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate_split(checkpoint: Path, data_dir: Path, split: str) -> dict:
-    model = load(checkpoint)
-    dataset = build_dataset(model.train_config.data, "val", model.tokenizer,
-                            ann_file=data_dir / f"{split}.json", image_root=data_dir / "images")
+    model, dataset = load_split(checkpoint, data_dir, f"{split}.json")
     evaluators = {"refexp": RefExpEvaluator(dataset.ground_truth, dataset_names=["shapes_refexp"]),
                   "box_ap": CocoBoxEvaluator(dataset.ground_truth)}
     loader = DataLoader(dataset, batch_size=16, collate_fn=collate)

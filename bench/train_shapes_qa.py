@@ -27,13 +27,12 @@ from budgeted_training import (  # bench/, beside this script
     add_shapes_arguments,
     ensure_shapes,
     learning_curve,
+    load_split,
     train_budgeted,
 )
 from torch.utils.data import DataLoader
 
-from mdetr.builder import load
 from mdetr.bundled import bundled_model_path
-from mdetr.data.build import build_dataset
 from mdetr.data.collate import collate
 from mdetr.data.shapes_qa import generate_shapes_qa
 from mdetr.engine.qa import evaluate_qa
@@ -42,9 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate_split(checkpoint: Path, data_dir: Path, split: str) -> dict:
-    model = load(checkpoint)
-    dataset = build_dataset(model.train_config.data, "val", model.tokenizer,
-                            ann_file=data_dir / f"{split}_qa.json", image_root=data_dir / "images")
+    model, dataset = load_split(checkpoint, data_dir, f"{split}_qa.json")
     loader = DataLoader(dataset, batch_size=16, collate_fn=collate)
     return evaluate_qa(model, loader, dataset)
 

@@ -431,26 +431,13 @@ def test_two_phase_training_evaluate_and_submission_through_the_cli(
     config.write_text("model:\n  qa_dataset: gqa\nloss:\n  qa_loss_coef: 25.0\n")
     images = gqa_files["images"]
     # phase 1: the "all" split, detection and answer losses, scored on test-dev each epoch
+    def train(output_dir, train_ann, *overrides):
+        args = tiny_model_overrides(roberta_like, output_dir, f"data.train_ann={train_ann}",
+                                    f"data.train_images={images}", *overrides)
+        assert main(["train", "--config", str(config), "--no-progress", *args]) == 0
+
     phase1 = tmp_path / "all"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(config),
-                "--no-progress",
-                *tiny_model_overrides(
-                    roberta_like,
-                    phase1,
-                    f"data.train_ann={gqa_files['train_all']}",
-                    f"data.train_images={images}",
-                    f"data.val_ann={gqa_files['testdev']}",
-                    f"data.val_images={images}",
-                ),
-            ]
-        )
-        == 0
-    )
+    train(phase1, gqa_files["train_all"], f"data.val_ann={gqa_files['testdev']}", f"data.val_images={images}")
     log = _log(phase1)
     steps = [r for r in log if r["type"] == "train"]
     assert len(steps) == 2  # 6 questions, batch 3
@@ -471,26 +458,8 @@ def test_two_phase_training_evaluate_and_submission_through_the_cli(
 
     # phase 2: the balanced split, answer losses only, from phase 1 (its vocabularies come along)
     phase2 = tmp_path / "balanced"
-    assert (
-        main(
-            [
-                "train",
-                "--config",
-                str(config),
-                "--no-progress",
-                *tiny_model_overrides(
-                    roberta_like,
-                    phase2,
-                    f"data.train_ann={gqa_files['train_balanced']}",
-                    f"data.train_images={images}",
-                    "data.val_ann=",
-                    "loss.detection_losses=false",
-                    f"train.init_weights={phase1 / 'best'}",
-                ),
-            ]
-        )
-        == 0
-    )
+    train(phase2, gqa_files["train_balanced"], "data.val_ann=", "loss.detection_losses=false",
+          f"train.init_weights={phase1 / 'best'}")
     step = next(r for r in _log(phase2) if r["type"] == "train")
     assert "loss_answer_type" in step and not any(
         k.startswith(("loss_ce", "loss_bbox", "loss_giou")) for k in step
