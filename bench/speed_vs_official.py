@@ -621,6 +621,12 @@ TRAIN_LABELS = {"official": "official engine.train_one_epoch body: forward (two 
                         "activations), clip 0.1, fused AdamW"}
 
 
+def _timing_row(label: str, s: dict, check: str, mem: dict | None) -> str:
+    """One table row: timings, speed-up, the row's agreement check (a difference or a loss) and memory."""
+    return (f"| {label} | {s['median_s']:.3f} | {s['p90_s']:.3f} | {s['images_per_s']:.2f} | "
+            f"{s.get('speedup_vs_official', 1.0):.2f} | {check} | {_mib(mem)} |")
+
+
 def tables(results: dict) -> str:
     lines = []
     for name, r in results.items():
@@ -634,10 +640,7 @@ def tables(results: dict) -> str:
             for row, s in r["inference"].items():
                 diff = max(s["max_abs_diff"].values()) if "max_abs_diff" in s else None
                 mem = r.get("peak_memory", {}).get(MEMORY_KEYS[row])
-                lines.append(f"| {INFER_LABELS[row]} | {s['median_s']:.3f} | {s['p90_s']:.3f} | "
-                             f"{s['images_per_s']:.2f} | {s.get('speedup_vs_official', 1.0):.2f} | "
-                             f"{'-' if diff is None else f'{diff:.1e}'} | "
-                             f"{_mib(mem)} |")
+                lines.append(_timing_row(INFER_LABELS[row], s, "-" if diff is None else f"{diff:.1e}", mem))
         if "train" in r:
             a = r["train_first_step"]
             lines += [f"\n{name}, training step, batch {len(r['image_sizes'])} ({sizes}):\n",
@@ -646,9 +649,7 @@ def tables(results: dict) -> str:
             for row, s in r["train"].items():
                 mem = r.get("peak_memory", {}).get(f"{row}_train")
                 loss = a["official_loss"] if row == "official" else a["ours_loss"]
-                lines.append(f"| {row} | {s['median_s']:.3f} | {s['p90_s']:.3f} | {s['images_per_s']:.2f} | "
-                             f"{s.get('speedup_vs_official', 1.0):.2f} | {loss:.6f} | "
-                             f"{_mib(mem)} |")
+                lines.append(_timing_row(row, s, f"{loss:.6f}", mem))
             lines.append(f"\nfirst step: |loss diff| {a['loss_abs_diff']:.1e}, largest named-loss diff "
                          f"{a['max_named_loss_abs_diff']:.1e} ({a['worst_named_loss']}), grad norm official "
                          f"{a['official_grad_norm']:.6f} / ours {a['ours_grad_norm']:.6f}")
