@@ -311,6 +311,10 @@ class TrainConfig:
     # convolutions (forward and backward) and cuDNN's tensor-core kernels are fastest: the same function up
     # to float rounding (a ResNet-101 forward + backward about 1.1x faster on 2 CPU cores).
     channels_last: bool = True
+    # With model.freeze_text_encoder: encode each distinct caption once and reuse the text encoder's output
+    # in later epochs (the same function up to float rounding; memory grows with the captions' tokens,
+    # about 1.5 kB per token for MiniLM, 3 kB for RoBERTa-base).
+    cache_text_features: bool = False
     # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
     # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for all.
     schedule: str = "linear_with_warmup"
@@ -399,6 +403,11 @@ class Config:
         if not self.loss.detection_losses and not self.model.qa_dataset:
             raise ConfigError("loss.detection_losses=false leaves only the answer losses: it needs a QA "
                               "model (model.qa_dataset=gqa or clevr)")
+        if self.train.cache_text_features and self.task == "detection":
+            raise ConfigError("train.cache_text_features=true: the detection model has no text encoder")
+        if self.train.cache_text_features and not self.model.freeze_text_encoder:
+            raise ConfigError("train.cache_text_features=true needs a frozen text encoder (set "
+                              "model.freeze_text_encoder=true): a trained encoder's features change every step")
         if self.model.qa_dataset and self.train.accumulate_steps > 1:
             raise ConfigError(
                 f"train.accumulate_steps={self.train.accumulate_steps} with answer heads (model.qa_dataset="

@@ -256,6 +256,8 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
     noted_at_load = len(faults.skipped_samples)
     optimizer = build_optimizer(model, tc)
     ema = ModelEMA(model, decay=tc.ema_decay) if tc.ema else None
+    if tc.cache_text_features:  # after the EMA copy, which keeps no cache of its own
+        getattr(model, "detr", model).transformer.cache_text_features()
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
 
     start_epoch, step, best = 0, 0, -math.inf

@@ -20,6 +20,7 @@ from mdetr.inference.processor import (
     post_process_grounded_detection,
 )
 from mdetr.models.mdetr import MDETROutput
+from mdetr.models.text import TextFeatureCache
 from mdetr.models.transformer import EncodedText
 
 ImageInput = Image.Image | str | Path | np.ndarray
@@ -71,17 +72,21 @@ class Predictor:
     ``optimize`` (default) runs a copy of the model with the backbone's batch norms folded into its
     convolutions and channels-last layout (:func:`mdetr.inference.optimize.optimize_for_inference`: the same
     outputs up to float rounding, about twice as fast a backbone on CPU); the copy is taken here, so later
-    changes to ``model``'s weights need a new Predictor.
+    changes to ``model``'s weights need a new Predictor. The text encoder's output is kept for the last
+    ``text_cache_size`` distinct captions (0: none), so a caption asked about again (a server's class list,
+    one question over many images) is not encoded again.
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
-                 device: str | torch.device = "cpu", dtype: str = "float32", optimize: bool = True) -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32", optimize: bool = True,
+                 text_cache_size: int = 256) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
         self._runner = optimize_for_inference(self.model) if optimize else self.model
+        self.text_cache = TextFeatureCache(text_cache_size) if text_cache_size else None
         self.processor = GroundingProcessor.for_model(model, image_size=image_size, max_size=max_size)
 
     @classmethod
@@ -109,10 +114,16 @@ class Predictor:
                  text: list[str] | EncodedText) -> MDETROutput:
         """The model on a (B, 3, H, W) batch and (B, H, W) mask; logits and boxes returned as float32."""
         with self._autocast():
+            if not isinstance(text, EncodedText):
+                text = self._encode_text(list(text))
             outputs = self._runner(images.to(self.device), masks.to(self.device), text)
         outputs.pred_logits = outputs.pred_logits.float()
         outputs.pred_boxes = outputs.pred_boxes.float()
         return outputs
+
+    def _encode_text(self, captions: list[str]) -> EncodedText:
+        transformer = getattr(self._runner, "detr", self._runner).transformer  # segmentation wraps MDETR
+        return transformer.encode_text(captions, self.device, cache=self.text_cache)
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageInput], texts: Sequence[str], *, threshold: float = 0.7,
@@ -222,7 +233,7 @@ class Predictor:
         per_image: list[list[tuple[dict, str]]] = [[] for _ in pil]
         for prompt in prompts:
             with self._autocast():
-                text = self.model.transformer.encode_text([prompt.caption], self.device)
+                text = self._encode_text([prompt.caption])
             # (B, L, D) features and (B, L) mask: one caption for every image
             shared = EncodedText(text.features.expand(len(pil), -1, -1),
                                  text.padding_mask.expand(len(pil), -1), text.tokenized)

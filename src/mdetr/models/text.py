@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 # Short names for encoders that ship offline; anything else is a local folder or a hub id.
@@ -93,3 +95,64 @@ class FeatureResizer(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.dropout(self.layer_norm(self.fc(features)))
+
+
+class TextFeatureCache:
+    """The text encoder's output per caption, kept so that a caption seen again is not encoded again.
+
+    Only valid while the encoder computes a fixed function: frozen (no parameter needs a gradient, or
+    gradients are off) and in eval mode (no dropout); :meth:`usable` checks both, and callers encode as
+    usual when it says no. Entries are keyed by caption and by the autocast dtype in force, so float32 and
+    bf16 features are never mixed. Each entry holds the caption's unpadded (length, hidden) states;
+    ``max_entries`` bounds the cache (least recently used first out), ``None`` keeps everything (a training
+    set's captions: about 1.5 kB per token for a 384-wide encoder in float32).
+    """
+
+    def __init__(self, max_entries: int | None = None) -> None:
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1 or None, got {max_entries}")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def usable(encoder: nn.Module) -> bool:
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())
+        return not trainable and not encoder.training
+
+    def hidden_states(self, encoder: nn.Module, captions: list[str], inputs: dict[str, Tensor]) -> Tensor:
+        """``encoder(**inputs).last_hidden_state`` (B, L, H) for the tokenized ``captions``: cached captions
+        are looked up, the others encoded together in one call (cut to their own longest length) and stored.
+        Padded positions hold zeros (the model masks them everywhere)."""
+        mask = inputs["attention_mask"]
+        counts = mask.sum(dim=1, keepdim=True)
+        if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device) < counts):
+            return encoder(**inputs).last_hidden_state  # left padding: rows are not prefixes, encode as is
+        lengths = counts.squeeze(1).tolist()
+        device = mask.device.type
+        precision = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "none"
+        keys = [(caption, precision) for caption in captions]
+        missing = list({key: i for i, key in enumerate(keys) if key not in self._entries}.values())
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        if missing:
+            longest = max(lengths[i] for i in missing)
+            subset = {name: value[missing, :longest] for name, value in inputs.items()}
+            with torch.no_grad():
+                hidden = encoder(**subset).last_hidden_state
+            for row, i in enumerate(missing):
+                self._entries[keys[i]] = hidden[row, : lengths[i]].clone()
+        states = [self._entries[key] for key in keys]
+        for key in keys:
+            self._entries.move_to_end(key)
+        if self.max_entries is not None:
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        out = states[0].new_zeros(len(states), mask.shape[1], states[0].shape[-1])
+        for row, state in enumerate(states):
+            out[row, : state.shape[0]] = state
+        return out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mdetr.models.text import FeatureResizer, build_text_encoder
+from mdetr.models.text import FeatureResizer, TextFeatureCache, build_text_encoder
 
 
 def _clones(module: nn.Module, n: int) -> nn.ModuleList:
@@ -202,14 +202,29 @@ class Transformer(nn.Module):
         self.resizer = FeatureResizer(
             input_dim=self.text_encoder.config.hidden_size, output_dim=d_model, dropout=0.1
         )
+        # Set by cache_text_features(): the frozen encoder's output per caption, reused across batches.
+        self.text_cache: TextFeatureCache | None = None
+
+    def cache_text_features(self, max_entries: int | None = None) -> TextFeatureCache:
+        """Keep the text encoder's output per caption and reuse it whenever the encoder is frozen and in
+        eval mode (see :class:`~mdetr.models.text.TextFeatureCache`); returns the cache."""
+        self.text_cache = TextFeatureCache(max_entries)
+        return self.text_cache
 
     def tokenize(self, captions: list[str], device: torch.device) -> object:
         return self.tokenizer(captions, padding="longest", return_tensors="pt").to(device)
 
-    def encode_text(self, captions: list[str], device: torch.device) -> EncodedText:
+    def encode_text(self, captions: list[str], device: torch.device, *,
+                    cache: TextFeatureCache | None = None) -> EncodedText:
+        """Tokenize, encode and resize ``captions``; ``cache`` (default: :attr:`text_cache`, if set) keeps
+        the encoder's output per caption while the encoder is frozen."""
         tokenized = self.tokenize(captions, device)
         inputs = {k: v for k, v in tokenized.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = self.text_encoder(**inputs).last_hidden_state  # (B, L, H_text)
+        cache = cache if cache is not None else self.text_cache
+        if cache is not None and cache.usable(self.text_encoder):
+            hidden = cache.hidden_states(self.text_encoder, captions, inputs)
+        else:
+            hidden = self.text_encoder(**inputs).last_hidden_state  # (B, L, H_text)
         return EncodedText(self.resizer(hidden), tokenized["attention_mask"].ne(1), tokenized)
 
     def encode(
