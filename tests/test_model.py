@@ -199,3 +199,28 @@ def test_backbone_levels_compute_mask_and_position_on_demand(tiny_roberta):
     assert len(calls) == 3  # a forward pass embeds its one transformer level
     with pytest.raises(IndexError):
         levels[-1][3]
+
+
+def test_multihead_attention_equals_torch_with_the_same_state():
+    """The batch-first attention computes nn.MultiheadAttention's function from the same state dict (so
+    official checkpoints, saved from nn.MultiheadAttention, load into it), with and without key padding."""
+    from mdetr.models.transformer import MultiheadAttention
+
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        reference.in_proj_bias.normal_()
+        reference.out_proj.bias.normal_()
+    ours = MultiheadAttention(32, 4).eval()
+    ours.load_state_dict(reference.state_dict())
+    query, key, value = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    for mask in (None, padding):
+        expected = reference(query, key, value, key_padding_mask=mask, need_weights=True)[0]  # bmm + softmax
+        torch.testing.assert_close(ours(query, key, value, key_padding_mask=mask), expected, rtol=1e-5, atol=1e-6)
+    # padded keys carry no weight: changing them changes nothing
+    noisy = value.clone()
+    noisy[1, 4:] = 1e3
+    torch.testing.assert_close(ours(query, key, noisy, key_padding_mask=padding),
+                               ours(query, key, value, key_padding_mask=padding))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdetr.models.heads import MLP
-from mdetr.models.transformer import _clones, _with_pos
+from mdetr.models.transformer import MultiheadAttention, _clones, _with_pos
 
 SCALE_OPTIONS = ("fixed", "single", "independent")
 
@@ -120,33 +120,18 @@ def valid_feature_size(padding_mask: Tensor, grid_shape: tuple[int, int]) -> Ten
     return size.clamp_min(1).float()
 
 
-class ModulatedMultiheadAttention(nn.Module):
+class ModulatedMultiheadAttention(MultiheadAttention):
     """Multi-head attention with explicit logits, so an additive prior can enter before the softmax.
 
-    Parameters are named like ``nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
-    ``out_proj``) so the layer holds the same state as the DETR decoder's cross-attention.
+    The parameters (and projections) are :class:`~mdetr.models.transformer.MultiheadAttention`'s, so the
+    layer holds the same state as the DETR decoder's cross-attention.
     """
 
     def __init__(self, *, d_model: int, nhead: int, dropout: float) -> None:
-        super().__init__()
-        if d_model % nhead:
-            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
-        self.nhead = nhead
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
+        super().__init__(d_model, nhead, dropout=dropout)
         self.dropout = nn.Dropout(dropout)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
 
-    def _heads(self, x: Tensor, index: int) -> Tensor:
-        d = x.shape[-1]
-        w = self.in_proj_weight[index * d : (index + 1) * d]
-        b = self.in_proj_bias[index * d : (index + 1) * d]
-        projected = F.linear(x, w, b)  # (B, N, D)
-        return projected.view(x.shape[0], x.shape[1], self.nhead, -1).transpose(1, 2)  # (B, h, N, D/h)
-
-    def forward(
+    def forward(  # type: ignore[override]  # also returns the attention map
         self,
         query: Tensor,
         key: Tensor,
@@ -164,9 +149,7 @@ class ModulatedMultiheadAttention(nn.Module):
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         attention = logits.softmax(-1)
-        out = self.dropout(attention) @ v  # (B, h, Q, D/h)
-        out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
-        return self.out_proj(out), attention
+        return self._merge(self.dropout(attention) @ v), attention
 
 
 class SpatialPrior(nn.Module):
@@ -229,7 +212,7 @@ class SMCADecoderLayer(nn.Module):
         super().__init__()
         check_prior_options(scale, beta)
         self.beta = beta
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.cross_attn_image = ModulatedMultiheadAttention(d_model=d_model, nhead=nhead, dropout=dropout)
         self.norm_prior = nn.LayerNorm(d_model)
         self.spatial_prior = SpatialPrior(
@@ -265,7 +248,7 @@ class SMCADecoderLayer(nn.Module):
     ) -> Tensor:
         """tgt (B, Q, D), memory/pos (B, HW + L, D) image tokens first, memory_padding_mask (B, HW + L)."""
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
         num_text = memory.shape[1] - grid_shape[0] * grid_shape[1]
         log_prior = self.log_prior(
             tgt, query_pos, reference=reference, valid_size=valid_size, grid_shape=grid_shape,

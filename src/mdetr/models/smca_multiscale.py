@@ -38,7 +38,7 @@ from mdetr.models.smca import (
     gaussian_log_weight,
     valid_feature_size,
 )
-from mdetr.models.transformer import EncoderLayer, _clones, _with_pos
+from mdetr.models.transformer import EncoderLayer, MultiheadAttention, _clones, _with_pos
 
 SCALE_STRIDES = (16, 32, 64)
 
@@ -177,7 +177,7 @@ class ScaleSelectionDecoderLayer(nn.Module):
         super().__init__()
         check_prior_options(scale, beta)
         self.beta = beta
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.cross_attn_image = ScaleSelectionAttention(
             d_model=d_model, nhead=nhead, num_scales=num_scales, dropout=dropout
         )
@@ -219,7 +219,7 @@ class ScaleSelectionDecoderLayer(nn.Module):
     ) -> Tensor:
         """tgt, query_pos (B, Q, D); per scale memory/pos (B, H_j W_j, D) and padding mask (B, H_j W_j)."""
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
         log_priors, weights = self.priors_and_weights(
             tgt, query_pos, reference=reference, valid_sizes=valid_sizes, grid_shapes=grid_shapes
         )

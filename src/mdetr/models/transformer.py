@@ -24,12 +24,57 @@ def _with_pos(x: Tensor, pos: Tensor | None) -> Tensor:
     return x if pos is None else x + pos
 
 
+class MultiheadAttention(nn.Module):
+    """Batch-first multi-head attention with ``nn.MultiheadAttention``'s parameters (``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj``), so the official checkpoints load unchanged, computing the same function.
+
+    Written out because ``nn.MultiheadAttention(batch_first=True)`` projects a transposed (sequence-first)
+    view of its inputs: under CPU bf16 autocast that non-contiguous ``linear`` becomes a batched matmul over
+    a copy of the weight per token (several times slower than the float32 layer; measured in BENCHMARKS.md).
+    Here every projection reads contiguous (B, N, D) rows and the attention itself is
+    ``scaled_dot_product_attention``.
+    """
+
+    def __init__(self, d_model: int, nhead: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % nhead:
+            raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
+        self.nhead = nhead
+        self.dropout_p = dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def _heads(self, x: Tensor, index: int) -> Tensor:
+        """(B, N, D) -> projection ``index`` (0 query, 1 key, 2 value) split into heads (B, h, N, D/h)."""
+        d = x.shape[-1]
+        projected = F.linear(x, self.in_proj_weight[index * d : (index + 1) * d],
+                             self.in_proj_bias[index * d : (index + 1) * d])
+        return projected.view(x.shape[0], x.shape[1], self.nhead, -1).transpose(1, 2)
+
+    def _merge(self, heads: Tensor) -> Tensor:
+        """(B, h, N, D/h) -> (B, N, D) through the output projection."""
+        b, _, n, _ = heads.shape
+        return self.out_proj(heads.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """query (B, Q, D), key/value (B, S, D); key_padding_mask (B, S) True on ignored keys -> (B, Q, D)."""
+        q, k, v = self._heads(query, 0), self._heads(key, 1), self._heads(value, 2)
+        keep = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        return self._merge(out)
+
+
 class EncoderLayer(nn.Module):
     """Post-norm self-attention layer; positions are added to queries and keys only."""
 
     def __init__(self, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -40,7 +85,7 @@ class EncoderLayer(nn.Module):
 
     def forward(self, src: Tensor, *, padding_mask: Tensor, pos: Tensor) -> Tensor:
         q = k = _with_pos(src, pos)
-        attended = self.self_attn(q, k, src, key_padding_mask=padding_mask, need_weights=False)[0]
+        attended = self.self_attn(q, k, src, key_padding_mask=padding_mask)
         src = self.norm1(src + self.dropout1(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout2(ffn))
@@ -54,8 +99,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, *, d_model: int, nhead: int, dim_feedforward: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.cross_attn_image = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.cross_attn_image = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -70,11 +115,10 @@ class DecoderLayer(nn.Module):
         self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor
     ) -> Tensor:
         q = k = _with_pos(tgt, query_pos)
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
         attended = self.cross_attn_image(
-            _with_pos(tgt, query_pos), _with_pos(memory, pos), memory,
-            key_padding_mask=memory_padding_mask, need_weights=False,
-        )[0]
+            _with_pos(tgt, query_pos), _with_pos(memory, pos), memory, key_padding_mask=memory_padding_mask
+        )
         tgt = self.norm3(tgt + self.dropout3(attended))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
         return self.norm4(tgt + self.dropout4(ffn))
