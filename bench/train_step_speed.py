@@ -75,6 +75,8 @@ def run_setting(args: argparse.Namespace, amp: str) -> dict:
     model.to(device).train()
     if config.train.channels_last:  # as mdetr train
         channels_last_backbone(model, weights=False)
+    if config.train.cache_text_features:  # as mdetr train; the batches repeat, so warm-up fills the cache
+        model.transformer.cache_text_features()
     optimizer = build_optimizer(model, config.train)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     ctx = DistributedContext(device=device)
