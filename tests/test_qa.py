@@ -15,6 +15,7 @@ from mdetr.engine.qa import qa_accuracy
 from mdetr.losses.criterion import total_loss
 from mdetr.losses.qa import (
     ClevrQACriterion,
+    GQAQACriterion,
     answer_targets,
     decode_clevr_answers,
     encode_clevr_answer,
@@ -283,12 +284,80 @@ def test_train_evaluate_predict_through_the_cli(qa_dir, tmp_path, capsys):
     assert len(record["detections"]) == 2
 
 
-def test_gradient_accumulation_is_refused_for_answer_heads():
-    """Answer losses are per-type means over a batch: accumulated micro-batches would not give them, so the
-    combination is refused with what to do instead."""
-    from mdetr.config import ConfigError, load_config
+def _split_sums(criterion, qa, encoded, targets, cut):
+    """The criterion's losses on rows [:cut] and [cut:], each divided by the counts of all rows, summed."""
+    parts = [criterion({k: v[rows] for k, v in qa.items()}, {k: v[rows] for k, v in encoded.items()},
+                       group=encoded) for rows in (slice(None, cut), slice(cut, None))]
+    return {k: parts[0][k] + parts[1][k] for k in parts[0]}
 
-    with pytest.raises(ConfigError, match=r"accumulate_steps=2 with answer heads .*data.batch_size"):
-        load_config(None, ["model.qa_dataset=clevr", "train.accumulate_steps=2"])
-    assert load_config(None, ["model.qa_dataset=clevr"]).train.accumulate_steps == 1
-    assert load_config(None, ["train.accumulate_steps=2"]).train.accumulate_steps == 2
+
+@pytest.mark.parametrize("head", ["clevr", "gqa_split", "gqa_unified"])
+def test_micro_batch_answer_losses_add_up_to_the_whole_batch(head):
+    """With the step's question counts (group), the losses and accuracies of two micro-batches sum to those
+    of the whole batch, also when a micro-batch has no question of some type; dividing by each micro-batch's
+    own counts (the plain call) does not."""
+    torch.manual_seed(0)
+    if head == "clevr":
+        criterion = ClevrQACriterion()
+        targets = [{"answer": a} for a in ["yes", "3", "no", "cylinder", "7", "red", "no"]]
+        qa = {"answer_type": torch.randn(7, 3), "answer_binary": torch.randn(7),
+              "answer_attr": torch.randn(7, 15), "answer_reg": torch.randn(7, 20)}
+    else:
+        vocab = {"obj": ["yes", "no", "unknown"], "attr": ["red", "unknown"], "rel": ["table", "unknown"],
+                 "global": ["indoors", "unknown"], "cat": ["fruit", "animal", "unknown"]}
+        if head == "gqa_unified":
+            vocab = {"all": ["yes", "no", "red", "table", "fruit"]}  # no "unknown": "maybe" is ignored
+        criterion = GQAQACriterion(vocab)
+        targets = [{"answer": a, "question_type": t} for a, t in [
+            ("yes", "obj"), ("red", "attr"), ("maybe", "obj"), ("table", "rel"), ("fruit", "cat"),
+            ("no", "obj"), ("red", "attr")]]
+        qa = {"answer_type": torch.randn(7, 5)} if head == "gqa_split" else {"answer": torch.randn(7, 5)}
+        for name, answers in vocab.items():
+            if name != "all":
+                qa[f"answer_{name}"] = torch.randn(7, len(answers))
+    encoded = criterion.encode_targets(targets, "cpu")
+    whole = criterion(qa, encoded)
+    summed = _split_sums(criterion, qa, encoded, targets, cut=2)  # the first part has no count / rel / cat
+    assert summed.keys() == whole.keys()
+    for key in whole:
+        assert summed[key].item() == pytest.approx(whole[key].item(), rel=1e-5, abs=1e-6), key
+    plain = [criterion({k: v[r] for k, v in qa.items()}, {k: v[r] for k, v in encoded.items()})
+             for r in (slice(None, 2), slice(2, None))]
+    losses = [k for k in whole if k.startswith("loss_")]
+    assert any(abs((plain[0][k] + plain[1][k]).item() - whole[k].item()) > 1e-3 for k in losses)
+
+
+def test_accumulated_qa_step_equals_one_batch(qa_dir, tmp_path):
+    """accumulate_gradients on a CLEVR-head model: 2 micro-batches give the gradient of one batch of both."""
+    from conftest import _tiny_overrides
+
+    from mdetr.config import load_config
+    from mdetr.data.build import build_dataset
+    from mdetr.data.collate import collate
+    from mdetr.engine.distributed import DistributedContext
+    from mdetr.engine.train import GroundingTask, accumulate_gradients, seed_everything
+
+    overrides = _tiny_overrides(qa_dir, tmp_path, "data.refexp_datasets=[]", "model.qa_dataset=clevr",
+                                f"model.qa_attributes=[{','.join(SHAPES_QA_ATTRIBUTES)}]",
+                                f"data.train_ann={qa_dir / 'train_qa.json'}")
+    config = load_config(None, overrides)
+    seed_everything(0)
+    model, criterion, weights = build(config)
+    model.eval()  # no dropout: the passes compute the same function
+    dataset = build_dataset(config.data, "val", model.tokenizer, ann_file=config.data.train_ann,
+                            image_root=config.data.train_images)
+    samples = [dataset[i] for i in range(5)]
+
+    def gradients(groups):
+        model.zero_grad(set_to_none=True)
+        accumulate_gradients(GroundingTask(), model, criterion, weights, [collate(g) for g in groups],
+                             ctx=DistributedContext())
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    whole, accumulated = gradients([samples]), gradients([samples[:2], samples[2:]])
+    assert whole.keys() == accumulated.keys()
+    scale = max(g.abs().max().item() for g in whole.values())
+    worst = max((accumulated[n] - whole[n]).abs().max().item() for n in whole)
+    assert scale > 0 and worst <= 1e-4 * scale, (worst, scale)
+    head = "answer_type_head.weight"
+    assert whole[head].abs().max() > 0

@@ -15,8 +15,8 @@ CAPTIONS = ["the red circle", "a large green metal star left of the small blue s
 
 def _model(text_encoder, **kw):
     config = ModelConfig(backbone="resnet18", backbone_pretrained=False, text_encoder=text_encoder,
-                         hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=5,
-                         dropout=0.0, **kw)
+                         hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                         num_queries=5, dropout=0.0, **kw)
     torch.manual_seed(0)
     return MDETR(config)
 
@@ -82,7 +82,8 @@ def test_bounded_cache_drops_the_least_recently_used(roberta_like):
         TextFeatureCache(0)
 
 
-def test_training_with_cached_text_features_is_the_same_run(shapes_dir, tmp_path, tiny_overrides, monkeypatch):
+def test_training_with_cached_text_features_is_the_same_run(shapes_dir, tmp_path, tiny_overrides,
+                                                            monkeypatch):
     caches = []
     original = TextFeatureCache.hidden_states
 
@@ -94,8 +95,9 @@ def test_training_with_cached_text_features_is_the_same_run(shapes_dir, tmp_path
     monkeypatch.setattr(TextFeatureCache, "hidden_states", tracked)
     losses = {}
     for flag in ("true", "false"):
-        config = load_config(None, tiny_overrides(shapes_dir, tmp_path / flag, "train.epochs=2",
-                                                  "train.eval_every=100", f"train.cache_text_features={flag}"))
+        overrides = tiny_overrides(shapes_dir, tmp_path / flag, "train.epochs=2", "train.eval_every=100",
+                                   f"train.cache_text_features={flag}")
+        config = load_config(None, overrides)
         train(config, progress=False, echo=lambda *_: None)
         log = [json.loads(line) for line in (tmp_path / flag / "log.jsonl").read_text().splitlines()]
         losses[flag] = [r["loss"] for r in log if r["type"] == "train"]
@@ -124,6 +126,8 @@ def test_predictor_reuses_text_features_with_the_same_predictions(roberta_like):
     for _ in range(2):
         got = cached.predict(image, CAPTIONS[1], threshold=0.0)
         assert len(got.boxes) == len(expected.boxes) > 0
-        torch.testing.assert_close(torch.as_tensor(got.boxes), torch.as_tensor(expected.boxes), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(torch.as_tensor(got.scores), torch.as_tensor(expected.scores), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.as_tensor(got.boxes), torch.as_tensor(expected.boxes),
+                                   rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.as_tensor(got.scores), torch.as_tensor(expected.scores),
+                                   rtol=1e-5, atol=1e-5)
     assert len(calls) == 1 and cached.text_cache.hits == 1 and plain.text_cache is None

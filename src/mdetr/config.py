@@ -408,12 +408,6 @@ class Config:
         if self.train.cache_text_features and not self.model.freeze_text_encoder:
             raise ConfigError("train.cache_text_features=true needs a frozen text encoder (set "
                               "model.freeze_text_encoder=true): a trained encoder's features change every step")
-        if self.model.qa_dataset and self.train.accumulate_steps > 1:
-            raise ConfigError(
-                f"train.accumulate_steps={self.train.accumulate_steps} with answer heads (model.qa_dataset="
-                f"{self.model.qa_dataset}): the answer losses are means over each batch's questions of a "
-                "type, which adding up micro-batches would not reproduce; raise data.batch_size or train on "
-                "more processes (torchrun) instead")
         return self
 
     def to_dict(self) -> dict[str, Any]:

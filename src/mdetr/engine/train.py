@@ -45,6 +45,7 @@ from mdetr.engine.optim import ModelEMA, adjust_learning_rate, build_optimizer
 from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 from mdetr.inference.optimize import channels_last_backbone
 from mdetr.losses.criterion import total_loss
+from mdetr.losses.qa import QASetCriterion
 
 
 def seed_everything(seed: int) -> None:
@@ -457,8 +458,9 @@ def accumulate_gradients(
     Every loss is divided by the boxes of *all* the step's micro-batches on all ranks (averaged over
     ranks, :func:`~mdetr.engine.distributed.global_num_boxes`), not by its own micro-batch's: MDETR's
     losses are sums over images divided by that count, so the accumulated (and, under DDP, rank-averaged)
-    gradient equals the gradient of one batch holding every image of the step. Under DDP only the last
-    micro-batch all-reduces the gradients.
+    gradient equals the gradient of one batch holding every image of the step. Answer losses (means over
+    questions of a type) are divided by this rank's question counts over all its micro-batches in the same
+    way. Under DDP only the last micro-batch all-reduces the gradients.
 
     ``model`` is the module or its DDP wrapper. Returns this rank's weighted total loss and named
     unweighted losses, summed over the micro-batches (detached), or None, with no gradient computed, when
@@ -474,7 +476,9 @@ def accumulate_gradients(
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):
             with autocast(ctx.device, amp):
                 outputs = task.forward(model, batch)
-            losses = criterion(outputs, batch.targets, num_boxes=num_boxes)  # float32: predictions upcast
+            # float32: predictions upcast. Answer losses divide by the step's question counts.
+            extra = {"group_targets": targets} if isinstance(criterion, QASetCriterion) else {}
+            losses = criterion(outputs, batch.targets, num_boxes=num_boxes, **extra)
             loss = total_loss(losses, weights)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()

@@ -109,16 +109,37 @@ def answer_confidence(qa: dict[str, Tensor]) -> Tensor:
     return type_probs.gather(-1, types[:, None])[:, 0] * per_type.gather(-1, types[:, None])[:, 0]
 
 
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Sum of ``values`` where ``mask``, divided by the mask's count (by 1 when it is empty)."""
-    return values.masked_fill(~mask, 0.0).sum() / (mask.sum() if mask.any() else 1.0)
+def _masked_mean(values: Tensor, mask: Tensor, count: int) -> Tensor:
+    """Sum of ``values`` where ``mask``, divided by ``count`` (the questions of this kind in the whole
+    step, see :class:`_Group`; by 1 when there are none)."""
+    return values.masked_fill(~mask, 0.0).sum() / max(count, 1)
 
 
-def _accuracy(correct: Tensor, mask: Tensor) -> Tensor:
-    """Fraction of ``correct`` among ``mask`` (1 when the mask is empty, as the official)."""
-    if not mask.any():
-        return torch.ones((), device=correct.device)
-    return correct[mask].float().sum() / mask.sum()
+def _accuracy(correct: Tensor, mask: Tensor, count: int, share: float) -> Tensor:
+    """This batch's part of the fraction of ``correct`` among the step's ``count`` questions of the kind;
+    when the step has none, its ``share`` of 1 (an empty kind counts as all right, as the official)."""
+    if count == 0:
+        return torch.full((), share, device=correct.device)
+    return correct[mask].float().sum() / count
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The question counts the losses divide by: those of the whole optimisation step (every micro-batch
+    of a gradient-accumulation group), so that the micro-batches' losses add up to the step's. ``size``:
+    all questions; ``of_kind``: per answer type (or per target key); ``share``: this micro-batch's
+    fraction of ``size``."""
+
+    size: int
+    of_kind: dict[object, int]
+    share: float
+
+    @classmethod
+    def of(cls, batch: Tensor, group: Tensor | None, kinds: Sequence[object]) -> _Group:
+        """Counts of ``group`` (default: ``batch``, one micro-batch) per value in ``kinds``."""
+        group = batch if group is None else group
+        return cls(group.numel(), {k: int((group == k).sum()) for k in kinds},
+                   batch.numel() / max(group.numel(), 1))
 
 
 class ClevrQACriterion(nn.Module):
@@ -139,33 +160,40 @@ class ClevrQACriterion(nn.Module):
         """The answer targets of a batch's target dicts (each needs ``answer``)."""
         return answer_targets([str(t["answer"]) for t in targets], self.attributes, device=device)
 
-    def forward(self, qa: dict[str, Tensor], answers: dict[str, Tensor]) -> dict[str, Tensor]:
-        """qa: the model's ``MDETROutput.qa``; answers: :func:`answer_targets`."""
+    def forward(self, qa: dict[str, Tensor], answers: dict[str, Tensor],
+                group: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """qa: the model's ``MDETROutput.qa``; answers: :func:`answer_targets`; group: the same for every
+        micro-batch of the optimisation step (default: this batch alone), whose question counts divide
+        the losses so that the micro-batches' losses sum to the step's means."""
         answer_type = answers["answer_type"]
+        counts = _Group.of(answer_type, None if group is None else group["answer_type"],
+                           (BINARY, ATTRIBUTE, COUNT))
         type_logits = qa["answer_type"].float()
         is_binary, is_attr, is_reg = (answer_type == k for k in (BINARY, ATTRIBUTE, COUNT))
-        losses = {"loss_answer_type": F.cross_entropy(type_logits, answer_type)}
+        type_ce = F.cross_entropy(type_logits, answer_type, reduction="sum")
+        losses = {"loss_answer_type": type_ce / counts.size}
         binary_logits = qa["answer_binary"].float()
         losses["loss_answer_binary"] = _masked_mean(
             F.binary_cross_entropy_with_logits(binary_logits, answers["answer_binary"], reduction="none"),
-            is_binary)
+            is_binary, counts.of_kind[BINARY])
         losses["loss_answer_attr"] = _masked_mean(
             F.cross_entropy(qa["answer_attr"].float(), answers["answer_attr"], reduction="none",
-                            ignore_index=IGNORE), is_attr)
+                            ignore_index=IGNORE), is_attr, counts.of_kind[ATTRIBUTE])
         losses["loss_answer_reg"] = _masked_mean(
             F.cross_entropy(qa["answer_reg"].float(), answers["answer_reg"], reduction="none",
-                            ignore_index=IGNORE), is_reg)
+                            ignore_index=IGNORE), is_reg, counts.of_kind[COUNT])
         with torch.no_grad():
             type_ok = type_logits.argmax(-1) == answer_type
             binary_ok = (binary_logits.sigmoid() > 0.5) == (answers["answer_binary"] > 0.5)
             attr_ok = qa["answer_attr"].argmax(-1) == answers["answer_attr"]
             reg_ok = qa["answer_reg"].argmax(-1) == answers["answer_reg"]
-            losses["accuracy_answer_type"] = type_ok.float().mean()
-            losses["accuracy_answer_binary"] = _accuracy(binary_ok, is_binary)
-            losses["accuracy_answer_attr"] = _accuracy(attr_ok, is_attr)
-            losses["accuracy_answer_reg"] = _accuracy(reg_ok, is_reg)
+            losses["accuracy_answer_type"] = type_ok.float().sum() / counts.size
+            heads = (("binary", binary_ok, is_binary, BINARY), ("attr", attr_ok, is_attr, ATTRIBUTE),
+                     ("reg", reg_ok, is_reg, COUNT))
+            for key, ok, mask, kind in heads:
+                losses[f"accuracy_answer_{key}"] = _accuracy(ok, mask, counts.of_kind[kind], counts.share)
             answer_ok = (is_binary & binary_ok) | (is_attr & attr_ok) | (is_reg & reg_ok)
-            losses["accuracy_answer_total"] = (type_ok & answer_ok).float().mean()
+            losses["accuracy_answer_total"] = (type_ok & answer_ok).float().sum() / counts.size
         return losses
 
 
@@ -217,17 +245,27 @@ class GQAQACriterion(nn.Module):
                 dtype=torch.long, device=device)
         return encoded
 
-    def forward(self, qa: dict[str, Tensor], answers: dict[str, Tensor]) -> dict[str, Tensor]:
-        """qa: the model's ``MDETROutput.qa``; answers: :meth:`encode_targets`."""
+    def forward(self, qa: dict[str, Tensor], answers: dict[str, Tensor],
+                group: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """qa: the model's ``MDETROutput.qa``; answers: :meth:`encode_targets`; group: the same for every
+        micro-batch of the optimisation step (default: this batch alone), as in
+        :meth:`ClevrQACriterion.forward`."""
         if not self.split:
+            target = answers["answer"]
+            known = target.ne(IGNORE)
+            counts = _Group.of(known, None if group is None else group["answer"].ne(IGNORE), (True,))
             logits = qa["answer"].float()
-            losses = {"loss_answer_total": F.cross_entropy(logits, answers["answer"], ignore_index=IGNORE)}
+            ce = F.cross_entropy(logits, target, reduction="none", ignore_index=IGNORE)
+            losses = {"loss_answer_total": _masked_mean(ce, known, counts.of_kind[True])}
             with torch.no_grad():
-                losses["accuracy_answer_total"] = (logits.argmax(-1) == answers["answer"]).float().mean()
+                losses["accuracy_answer_total"] = (logits.argmax(-1) == target).float().sum() / counts.size
             return losses
         answer_type = answers["answer_type"]
+        counts = _Group.of(answer_type, None if group is None else group["answer_type"],
+                           range(len(GQA_ANSWER_TYPES)))
         type_logits = qa["answer_type"].float()
-        losses = {"loss_answer_type": F.cross_entropy(type_logits, answer_type)}
+        type_ce = F.cross_entropy(type_logits, answer_type, reduction="sum")
+        losses = {"loss_answer_type": type_ce / counts.size}
         type_ok = type_logits.argmax(-1) == answer_type
         answer_ok = torch.zeros_like(type_ok)
         accuracies = {}
@@ -236,15 +274,16 @@ class GQAQACriterion(nn.Module):
             of_type = answer_type == k
             logits = qa[key].float()
             losses[f"loss_{key}"] = _masked_mean(
-                F.cross_entropy(logits, answers[key], reduction="none", ignore_index=IGNORE), of_type)
+                F.cross_entropy(logits, answers[key], reduction="none", ignore_index=IGNORE), of_type,
+                counts.of_kind[k])
             with torch.no_grad():
                 head_ok = logits.argmax(-1) == answers[key]
-                accuracies[f"accuracy_{key}"] = _accuracy(head_ok, of_type)
+                accuracies[f"accuracy_{key}"] = _accuracy(head_ok, of_type, counts.of_kind[k], counts.share)
                 answer_ok |= of_type & head_ok
         with torch.no_grad():
-            losses["accuracy_answer_type"] = type_ok.float().mean()
+            losses["accuracy_answer_type"] = type_ok.float().sum() / counts.size
             losses.update(accuracies)
-            losses["accuracy_answer_total"] = (type_ok & answer_ok).float().mean()
+            losses["accuracy_answer_total"] = (type_ok & answer_ok).float().sum() / counts.size
         return losses
 
 
@@ -305,8 +344,9 @@ class QASetCriterion(nn.Module):
     alone (``loss.detection_losses=false``).
 
     Each target needs ``answer`` (the entry's ``answer`` field; GQA also ``question_type``). The QA losses
-    are means over the batch's questions (of each type), not divided by the box count, so micro-batches
-    cannot add up to them: a QA config refuses ``train.accumulate_steps`` > 1.
+    are means over the step's questions (of each type): with gradient accumulation, ``group_targets``
+    holds the targets of every micro-batch of the step and their counts divide each micro-batch's sums,
+    as ``num_boxes`` does for the detection losses, so the micro-batches add up to one batch.
     """
 
     def __init__(self, detection: nn.Module | None, qa: ClevrQACriterion | GQAQACriterion) -> None:
@@ -314,15 +354,17 @@ class QASetCriterion(nn.Module):
         self.detection = detection
         self.qa = qa
 
-    def forward(self, outputs, targets: list[dict], num_boxes: float | None = None) -> dict[str, Tensor]:
+    def forward(self, outputs, targets: list[dict], num_boxes: float | None = None,
+                group_targets: list[dict] | None = None) -> dict[str, Tensor]:
         losses = {} if self.detection is None else self.detection(outputs, targets, num_boxes=num_boxes)
         if not outputs.qa:
             raise ValueError("QASetCriterion needs a QA model's outputs (model.qa_dataset=clevr or gqa)")
-        missing = [t.get("image_id") for t in targets if "answer" not in t]
+        missing = [t.get("image_id") for t in (group_targets or targets) if "answer" not in t]
         if missing:
             raise ValueError(f"QA training needs an 'answer' in every entry; entries {missing[:5]} have none")
         device = next(iter(outputs.qa.values())).device
-        losses.update(self.qa(outputs.qa, self.qa.encode_targets(targets, device)))
+        group = None if group_targets is None else self.qa.encode_targets(group_targets, device)
+        losses.update(self.qa(outputs.qa, self.qa.encode_targets(targets, device), group))
         return losses
 
 
