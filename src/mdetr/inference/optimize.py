@@ -18,9 +18,10 @@ graph, which the backbone's data-dependent padding and feature selection are not
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mdetr.models.backbones.frozen_bn import FrozenBatchNorm2d
 
@@ -95,8 +96,19 @@ def channels_last_backbone(model: nn.Module, *, weights: bool = True) -> bool:
         return False
     if weights:
         body.to(memory_format=torch.channels_last)
+    else:
+        for param in body.parameters():
+            if param.requires_grad:
+                param.register_hook(functools.partial(_strided_like, param))
     body.register_forward_pre_hook(_to_channels_last)
     return True
+
+
+def _strided_like(param: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` with ``param``'s strides. A 1x1 convolution's weight gradient from channels-last
+    activations comes back with other strides on its size-1 dimensions: the same memory, but DDP compares
+    strides (and warns at every run) and the fused optimizer wants one layout for parameter and gradient."""
+    return grad if grad.stride() == param.stride() else grad.clone(memory_format=torch.contiguous_format)
 
 
 def _backbone_body(model: nn.Module) -> nn.Module | None:
