@@ -301,13 +301,17 @@ def ours_from_file(setup: Setup, encoders: dict[str, str], path: Path) -> nn.Mod
 
 
 def zero_dropout(model: nn.Module) -> None:
-    """Dropout off in train mode (nn.Dropout modules, MultiheadAttention and the text encoder's attention,
-    which reads its Dropout module's p)."""
+    """Dropout off in train mode (nn.Dropout modules, the official nn.MultiheadAttention, our attention
+    layers and the text encoder's attention, which reads its Dropout module's p)."""
+    from mdetr.models.transformer import MultiheadAttention
+
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
         elif isinstance(m, nn.MultiheadAttention):
             m.dropout = 0.0
+        elif isinstance(m, MultiheadAttention):
+            m.dropout_p = 0.0
 
 
 # --------------------------------------------------------------------------------------------------------
