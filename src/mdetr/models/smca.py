@@ -127,10 +127,6 @@ class ModulatedMultiheadAttention(MultiheadAttention):
     layer holds the same state as the DETR decoder's cross-attention.
     """
 
-    def __init__(self, *, d_model: int, nhead: int, dropout: float) -> None:
-        super().__init__(d_model, nhead, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
-
     def forward(  # type: ignore[override]  # also returns the attention map
         self,
         query: Tensor,
@@ -149,7 +145,8 @@ class ModulatedMultiheadAttention(MultiheadAttention):
         if key_padding_mask is not None:
             logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         attention = logits.softmax(-1)
-        return self._merge(self.dropout(attention) @ v), attention
+        dropped = F.dropout(attention, p=self.dropout_p, training=self.training)
+        return self._merge(dropped @ v), attention
 
 
 class SpatialPrior(nn.Module):
