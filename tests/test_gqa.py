@@ -419,13 +419,19 @@ def _log(run):
 
 
 def test_two_phase_training_evaluate_and_submission_through_the_cli(
-    gqa_files, roberta_like, one_thread, tmp_path, capsys
+    gqa_files, roberta_like, one_thread, tmp_path, capsys, monkeypatch
 ):
     from conftest import tiny_model_overrides
 
+    import mdetr.data.gqa
     from mdetr.builder import load
     from mdetr.cli import main
     from mdetr.data.collate import collate
+
+    reads = []  # which annotation files were parsed: the training file once, for vocabularies and data
+    original_read = mdetr.data.gqa.read_annotation_file
+    monkeypatch.setattr(mdetr.data.gqa, "read_annotation_file",
+                        lambda path, *a, **k: reads.append(Path(path)) or original_read(path, *a, **k))
 
     config = tmp_path / "gqa.yaml"
     config.write_text("model:\n  qa_dataset: gqa\nloss:\n  qa_loss_coef: 25.0\n")
@@ -438,6 +444,7 @@ def test_two_phase_training_evaluate_and_submission_through_the_cli(
 
     phase1 = tmp_path / "all"
     train(phase1, gqa_files["train_all"], f"data.val_ann={gqa_files['testdev']}", f"data.val_images={images}")
+    assert reads.count(Path(gqa_files["train_all"])) == 1
     log = _log(phase1)
     steps = [r for r in log if r["type"] == "train"]
     assert len(steps) == 2  # 6 questions, batch 3

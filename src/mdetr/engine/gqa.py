@@ -19,7 +19,7 @@ overall (it picks the best checkpoint), per semantic type and per structural typ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from mdetr.engine.train import GroundingTask
 from mdetr.eval.gqa import GQAEvaluator
 from mdetr.losses.qa import decode_gqa_answers
 from mdetr.models.heads import answer_head_specs
+from mdetr.models.text import load_tokenizer
 
 
 def answers_from_checkpoint(path: str | Path, *, split_qa_heads: bool) -> dict[str, list[str]] | None:
@@ -51,8 +52,12 @@ def answers_from_checkpoint(path: str | Path, *, split_qa_heads: bool) -> dict[s
     return answers
 
 
-def resolve_answer_vocab(config: Config) -> None:
-    """Fill ``config.model.qa_answers`` in place (see the module docstring for where they come from)."""
+def resolve_answer_vocab(config: Config, read_entries: Callable[[], list[dict]] | None = None) -> None:
+    """Fill ``config.model.qa_answers`` in place (see the module docstring for where they come from).
+
+    ``read_entries`` gives the training entries when the vocabularies come from them (default: read
+    ``data.train_ann``); the training task passes one that keeps the dataset it reads, so the file is
+    parsed once."""
     model = config.model
     if model.qa_answers:
         return
@@ -65,7 +70,7 @@ def resolve_answer_vocab(config: Config) -> None:
     if not config.data.train_ann:
         raise ConfigError("GQA answer heads need their vocabularies: set data.train_ann (they are built from "
                           "its answers) or model.qa_answers")
-    entries = read_gqa_file(config.data.train_ann)["images"]
+    entries = read_entries() if read_entries is not None else read_gqa_file(config.data.train_ann)["images"]
     model.qa_answers = build_answer_vocab(entries, split_qa_heads=model.split_qa_heads)
     model.validate()
 
@@ -157,14 +162,29 @@ class GQATask(GroundingTask):
 
     name = "gqa"
 
+    def __init__(self) -> None:
+        # The training set read while building the answer vocabularies, handed to dataset("train") so a
+        # large file (GQA's train_all is 1.4 GB) is parsed once.
+        self._train_set: ModulatedDetection | None = None
+
     def build(self, config: Config) -> tuple[nn.Module, nn.Module, dict[str, float]]:
         from mdetr.builder import build
 
-        resolve_answer_vocab(config)
+        self._train_set = None
+
+        def read_training_entries() -> list[dict]:
+            tokenizer = load_tokenizer(config.model.text_encoder)
+            self._train_set = build_gqa_dataset(config.data, "train", tokenizer)
+            return self._train_set.ground_truth["images"]
+
+        resolve_answer_vocab(config, read_training_entries)
         return build(config)
 
     def dataset(self, config: Config, split: str, model: nn.Module) -> ModulatedDetection:
-        dataset = build_gqa_dataset(config.data, split, model.tokenizer)
+        if split == "train" and self._train_set is not None:
+            dataset, self._train_set = self._train_set, None
+        else:
+            dataset = build_gqa_dataset(config.data, split, model.tokenizer)
         check_gqa_entries(dataset, require_answers=split == "train")
         return dataset
 

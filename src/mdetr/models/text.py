@@ -48,11 +48,18 @@ def missing_text_encoder_message(name: str, path: str, *, pretrained: bool, caus
     )
 
 
-def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module, object]:
+def load_tokenizer(name: str) -> object:
+    """The fast tokenizer of a text encoder (folder, hub id or short name) without its weights."""
+    return build_text_encoder(name, weights=False)[1]
+
+
+def build_text_encoder(name: str, *, pretrained: bool = True,
+                       weights: bool = True) -> tuple[nn.Module | None, object]:
     """Return ``(model, tokenizer)`` for a transformers encoder given by folder or hub id.
 
     With ``pretrained=False`` only the config and tokenizer files are read and the weights are left random
-    (used when a checkpoint will overwrite them anyway).
+    (used when a checkpoint will overwrite them anyway); with ``weights=False`` the model is None (the
+    tokenizer alone).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -64,12 +71,14 @@ def build_text_encoder(name: str, *, pretrained: bool = True) -> tuple[nn.Module
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
-        if pretrained:
+        if not weights:
+            model = None
+        elif pretrained:
             model = AutoModel.from_pretrained(path)
         else:
             model = AutoModel.from_config(AutoConfig.from_pretrained(path))
     except (OSError, ValueError) as err:
-        message = missing_text_encoder_message(name, path, pretrained=pretrained, cause=err)
+        message = missing_text_encoder_message(name, path, pretrained=pretrained and weights, cause=err)
         raise TextEncoderNotFoundError(message) from err
     finally:
         hf_logging.set_verbosity(verbosity)
