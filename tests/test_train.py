@@ -125,13 +125,15 @@ def test_channels_last_training_computes_the_same_run(shapes_dir, tmp_path, tiny
     seen = []
     body = model.backbone[0].body
     body.register_forward_hook(lambda module, args, out: seen.append(args[0]))
-    out = model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), ["a red circle"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the shapes recipes' autocast, where strides differ
+        out = model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), ["a red circle"])
     assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
     assert all(p.is_contiguous() for p in body.parameters())
     # gradients come back with their parameter's exact strides (1x1 convolutions' would not by themselves),
     # as DDP's buckets and the fused optimizer expect
-    out.pred_boxes.sum().backward()
-    trained = [p for p in body.parameters() if p.grad is not None]
+    out.pred_boxes.float().sum().backward()
+    trained = [p for p in model.parameters() if p.grad is not None]
     assert trained and all(p.grad.stride() == p.stride() for p in trained)
-    assert any(p.dim() == 4 and p.shape[-2:] == (1, 1) for p in trained)
+    assert any(p.dim() == 4 and p.shape[-2:] == (1, 1) for p in body.parameters() if p.grad is not None)
+    assert model.input_proj.weight.grad.stride() == model.input_proj.weight.stride()  # fed by the backbone
     copy.deepcopy(model)  # as the EMA copies it

@@ -97,8 +97,9 @@ def channels_last_backbone(model: nn.Module, *, weights: bool = True) -> bool:
     if weights:
         body.to(memory_format=torch.channels_last)
     else:
-        for param in body.parameters():
-            if param.requires_grad:
+        # Every convolution fed channels-last activations, the backbone's and the input projection after it.
+        for param in model.parameters():
+            if param.requires_grad and param.dim() == 4:
                 param.register_hook(functools.partial(_strided_like, param))
     body.register_forward_pre_hook(_to_channels_last)
     return True
