@@ -97,6 +97,27 @@ def test_gqa_answers_come_from_decoder_layer_zero(roberta_like):
     assert not torch.allclose(moved.pred_boxes, out.pred_boxes, atol=1e-4)
 
 
+@pytest.mark.parametrize("layer", [-1, 1])
+def test_answers_from_a_chosen_decoder_layer(roberta_like, layer):
+    torch.manual_seed(0)
+    model = build_model(_tiny(roberta_like, qa_dataset="clevr", qa_decoder_layer=layer)).eval()
+    images, masks, captions = _batch()
+    with torch.no_grad():
+        cache = model.encode(images, masks, captions)
+        hs = model.decoder_states(cache)  # (3, B, Q + 4, D)
+        out = model.decode(cache)
+        from_layer, from_first = model.answer(hs[layer, :, 5:]), model.answer(hs[0, :, 5:])
+    assert set(out.qa) == {"answer_type", "answer_binary", "answer_reg", "answer_attr"}
+    for name, logits in out.qa.items():
+        assert torch.allclose(logits, from_layer[name], atol=1e-6)
+        assert not torch.allclose(logits, from_first[name], atol=1e-3)
+    # The last layer's answer queries have attended to the object queries; layer 0's cannot have.
+    with torch.no_grad():
+        model.query_embed.weight.add_(1.0)
+        moved = model.decode(cache)
+    assert not torch.allclose(moved.qa["answer_type"], out.qa["answer_type"], atol=1e-4)
+
+
 def test_unified_gqa_head(roberta_like):
     model = build_model(_tiny(roberta_like, qa_dataset="gqa", split_qa_heads=False)).eval()
     with torch.no_grad():
@@ -147,6 +168,8 @@ def test_post_process_masks_crops_padding_and_resizes():
 @pytest.mark.parametrize("overrides, message", [
     (dict(qa_dataset="vqa"), "qa_dataset"),
     (dict(qa_dataset="clevr", split_qa_heads=False), "split_qa_heads"),
+    (dict(qa_dataset="clevr", qa_decoder_layer=6), "qa_decoder_layer"),
+    (dict(qa_dataset="clevr", qa_decoder_layer=-7), "qa_decoder_layer"),
     (dict(masks=True, hidden_dim=256, contrastive_align=True), "contrastive_align=false"),
     (dict(masks=True, contrastive_align=False, qa_dataset="gqa", hidden_dim=256), "qa_dataset"),
     (dict(masks=True, contrastive_align=False, hidden_dim=64, nheads=8), "multiple of 128"),

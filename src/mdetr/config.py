@@ -61,6 +61,11 @@ class ModelConfig:
     # head sizes. GQA training fills it from the training data (mdetr.data.gqa.build_answer_vocab) or from
     # train.init_weights.
     qa_answers: dict[str, list[str]] = field(default_factory=dict)
+    # The decoder layer whose QA query states the answer heads read (negative: from the last). 0, the first
+    # layer, is what the released GQA/CLEVR models were trained with; there the QA queries meet the image
+    # and text once and never see what the object queries found (layer 0's self-attention runs before any
+    # query has content). -1, the last layer, lets them read the objects first (BENCHMARKS.md, section 8).
+    qa_decoder_layer: int = 0
     # CLEVR-Ref+: a per-query logit saying whether the box is in the final referred set.
     predict_final: bool = False
     # PhraseCut segmentation: wrap the detector with the attention-map + small-FPN mask head.
@@ -127,6 +132,9 @@ class ModelConfig:
             )
         if self.qa_answers:
             self._validate_qa_answers()
+        if not -self.dec_layers <= self.qa_decoder_layer < self.dec_layers:
+            raise ConfigError(f"model.qa_decoder_layer must index one of the {self.dec_layers} decoder layers "
+                              f"({-self.dec_layers}..{self.dec_layers - 1}), got {self.qa_decoder_layer}")
         if self.qa_attributes:
             if self.qa_dataset != "clevr":
                 raise ConfigError("model.qa_attributes is the attribute vocabulary of model.qa_dataset="

@@ -40,8 +40,8 @@ class MDETROutput:
         (B, 111) (the released sizes; a model trained here has one class per answer of
         ``config.qa_answers``); unified GQA: ``answer`` (B, 1853). CLEVR: ``answer_type`` (B, 3) over (binary,
         attribute, count), ``answer_binary`` (B,) yes-logit, ``answer_reg`` (B, 20) count classes,
-        ``answer_attr`` (B, 15). Read from the first decoder layer, so only at the top level, never in
-        ``aux_outputs``.
+        ``answer_attr`` (B, 15). Read from one decoder layer (``config.qa_decoder_layer``), so only at the top
+        level, never in ``aux_outputs``.
     pred_isfinal: (B, Q, 1) logit that a box belongs to the final referred set (CLEVR-Ref+), or None.
     pred_masks: (B, Q, H/4, W/4) mask logits of the segmentation model (size of the stride-4 backbone
         level of the padded batch), or None.
@@ -168,8 +168,9 @@ class MDETR(nn.Module):
     """The detector: backbone, text encoder, cross encoder, decoder and heads, with the official key names.
 
     With ``config.qa_dataset`` set, learned QA queries (``qa_embed``) are appended after the object queries
-    and decoded jointly with them; the answer heads read the QA slots of the *first* decoder layer, as the
-    released GQA/CLEVR models were trained, and those slots are then dropped from every layer.
+    and decoded jointly with them; the answer heads read the QA slots of decoder layer
+    ``config.qa_decoder_layer`` (by default the *first*, as the released GQA/CLEVR models were trained), and
+    those slots are then dropped from every layer.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -309,8 +310,8 @@ class MDETR(nn.Module):
         if self.qa_embed is not None:
             num_queries = self.query_embed.num_embeddings
             # The released QA models were trained with answers read from decoder layer 0, not the last one;
-            # reading another layer would not reproduce them.
-            qa = self.answer(hs[0, :, num_queries:])
+            # reading another layer would not reproduce them (model.qa_decoder_layer, default 0).
+            qa = self.answer(hs[self.config.qa_decoder_layer, :, num_queries:])
             hs = hs[:, :, :num_queries]
         out = self.detection_outputs(hs, cache)
         out.qa = qa
