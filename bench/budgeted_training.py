@@ -13,13 +13,15 @@ from pathlib import Path
 from mdetr.builder import load
 from mdetr.config import load_config
 from mdetr.data.build import build_dataset
-from mdetr.data.shapes import generate_shapes
+from mdetr.data.shapes import RELATION_FRACTION, generate_shapes
 from mdetr.engine.train import train
 
 
 def add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every shapes benchmark takes: the generated set's size, the training processes and
     threads, and free ``section.key=value`` overrides."""
+    parser.add_argument("--data", default=None,
+                        help="a shapes folder to reuse (default: OUTPUT/shapes, generated if absent)")
     parser.add_argument("--num-train", type=int, default=6000)
     parser.add_argument("--num-val", type=int, default=300)
     parser.add_argument("--num-val-unseen", type=int, default=300)
@@ -29,11 +31,30 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides")
 
 
-def ensure_shapes(data_dir: Path, args: argparse.Namespace) -> None:
-    """Generate the shapes set (seed 0, the sizes of ``args``) into ``data_dir`` unless it is there."""
+def ensure_shapes(out: Path, args: argparse.Namespace) -> Path:
+    """The shapes folder of ``args.data`` (default ``out/shapes``), generated (seed 0, the sizes of ``args``)
+    unless it is there."""
+    data_dir = Path(args.data) if args.data else out / "shapes"
     if not (data_dir / "val_unseen_scenes.json").exists():
         generate_shapes(data_dir, seed=0, num_train=args.num_train, num_val=args.num_val,
                         num_val_unseen=args.num_val_unseen, progress=True)
+    return data_dir
+
+
+def training_split(data_dir: Path, relation_fraction: float) -> Path:
+    """The folder whose ``train.json`` and ``images/train`` to train on: ``data_dir`` itself, or, for another
+    ``relation_fraction``, the same training scenes (same seed and count, so the same images) with texts
+    generated at that fraction, in a sibling folder (generated unless it is there). The val splits always
+    come from ``data_dir``, so results stay comparable."""
+    if relation_fraction == RELATION_FRACTION:
+        return data_dir
+    meta = json.loads((data_dir / "meta.json").read_text())
+    folder = data_dir.with_name(f"{data_dir.name}_train_relations{relation_fraction:g}")
+    if not (folder / "train_scenes.json").exists():
+        generate_shapes(folder, seed=meta["seed"], num_train=meta["num_scenes"]["train"], num_val=0,
+                        num_val_unseen=0, image_size=meta["image_size"], min_objects=meta["min_objects"],
+                        max_objects=meta["max_objects"], relation_fraction=relation_fraction, progress=True)
+    return folder
 
 
 def load_split(checkpoint: Path, data_dir: Path, ann_name: str) -> tuple:

@@ -24,10 +24,12 @@ from budgeted_training import (  # bench/, beside this script
     learning_curve,
     load_split,
     train_budgeted,
+    training_split,
 )
 from torch.utils.data import DataLoader
 
 from mdetr.data.collate import collate
+from mdetr.data.shapes import RELATION_FRACTION
 from mdetr.engine.evaluate import evaluate
 from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 
@@ -47,15 +49,18 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--output", default="runs/bench_shapes")
+    parser.add_argument("--relation-fraction", type=float, default=RELATION_FRACTION,
+                        help="train on texts generated with this relation fraction (mdetr data shapes "
+                             "--relation-fraction) for the same training scenes; val keeps the default 0.3")
     add_shapes_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
-    data_dir = out / "shapes"
-    ensure_shapes(data_dir, args)
+    data_dir = ensure_shapes(out, args)
+    train_dir = training_split(data_dir, args.relation_fraction)
     overrides = [
-        f"data.train_ann={data_dir / 'train.json'}", f"data.train_images={data_dir / 'images'}",
+        f"data.train_ann={train_dir / 'train.json'}", f"data.train_images={train_dir / 'images'}",
         f"data.val_ann={data_dir / 'val.json'}", f"data.val_images={data_dir / 'images'}",
         f"train.output_dir={out / 'train'}", f"train.max_minutes={args.minutes}",
         f"train.threads={args.threads}",

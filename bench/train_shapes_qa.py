@@ -53,8 +53,6 @@ def main(argv: list[str] | None = None) -> dict:
                         help="wall-clock budget the lr schedule runs on; 0 trains train.epochs epochs with "
                              "the schedule on steps (the result then does not depend on the machine's speed)")
     parser.add_argument("--output", default="runs/bench_shapes_qa")
-    parser.add_argument("--data", default=None,
-                        help="a shapes folder to reuse (default: OUTPUT/shapes, generated if absent)")
     parser.add_argument("--questions-per-scene", type=int, default=4)
     parser.add_argument("--init", default="mdetr_lite_shapes",
                         help="grounding weights to start from: a checkpoint folder or a bundled model name; "
@@ -64,8 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
-    data_dir = Path(args.data) if args.data else out / "shapes"
-    ensure_shapes(data_dir, args)
+    data_dir = ensure_shapes(out, args)
     if not (data_dir / "val_unseen_qa.json").exists():
         generate_shapes_qa(data_dir, seed=0, questions_per_scene=args.questions_per_scene, progress=True)
     overrides = [

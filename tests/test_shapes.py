@@ -364,6 +364,49 @@ def test_generated_scene_pixels_lie_in_boxes(dataset: tuple[Path, dict[str, Path
         assert not (changed & ~inside).any()
 
 
+def _refexp_targets(out: Path, split: str) -> list[tuple[str, list[dict], int]]:
+    """(text, scene objects, index of the referred object) of every referring expression of a split."""
+    data, scenes, anns = load(out, split)
+    objects = {scene["file_name"]: scene["objects"] for scene in scenes}
+    found = []
+    for image in data["images"]:
+        if image["dataset_name"] != "shapes_refexp":
+            continue
+        scene = objects[image["file_name"]]
+        (ann,) = anns[image["id"]]
+        target = next(i for i, o in enumerate(scene) if o["bbox"] == ann["bbox"])
+        found.append((image["caption"], scene, target))
+    return found
+
+
+def test_relation_fraction_changes_only_the_texts(tmp_path: Path) -> None:
+    counts = {"num_train": 24, "num_val": 0, "num_val_unseen": 0}
+    generate_shapes(tmp_path / "never", seed=3, image_size=IMAGE_SIZE, relation_fraction=0.0, **counts)
+    generate_shapes(tmp_path / "always", seed=3, image_size=IMAGE_SIZE, relation_fraction=1.0, **counts)
+    never, always = tmp_path / "never", tmp_path / "always"
+    assert (never / "train_scenes.json").read_bytes() == (always / "train_scenes.json").read_bytes()
+    for png in (never / "images" / "train").glob("*.png"):
+        assert np.array_equal(np.asarray(Image.open(png)),
+                              np.asarray(Image.open(always / "images" / "train" / png.name)))
+    assert json.loads((always / "meta.json").read_text())["relation_fraction"] == 1.0
+    relational = {}
+    for name, out in (("never", never), ("always", always)):
+        refexps = _refexp_targets(out, "train")
+        relational[name] = [(text, scene, t) for text, scene, t in refexps if RELATION_RE.search(text)]
+        assert refexps
+    # Fraction 0: a relation only where no attribute combination singles the object out.
+    for text, scene, target in relational["never"]:
+        others = [o for i, o in enumerate(scene) if i != target]
+        keys = ("shape", "color", "size", "material")
+        for n in range(1, len(keys) + 1):
+            for subset in itertools.combinations(keys, n):
+                assert any(all(o[k] == scene[target][k] for k in subset) for o in others), text
+    # Fraction 1: a relation wherever the scene has one to offer, so most expressions use one.
+    assert len(relational["always"]) > 2 * max(1, len(relational["never"]))
+    with pytest.raises(ValueError, match="relation_fraction"):
+        generate_shapes(tmp_path / "bad", num_train=1, num_val=0, num_val_unseen=0, relation_fraction=1.5)
+
+
 def test_invalid_arguments_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_objects"):
         generate_shapes(tmp_path, num_train=1, num_val=0, num_val_unseen=0, min_objects=5, max_objects=3)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from mdetr.config import ConfigError
+from mdetr.data.shapes import RELATION_FRACTION
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -475,6 +476,10 @@ def data_main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--num-val", type=int, default=300)
     shapes.add_argument("--num-val-unseen", type=int, default=300)
     shapes.add_argument("--image-size", type=int, default=256)
+    shapes.add_argument("--relation-fraction", type=_fraction, default=RELATION_FRACTION,
+                        help="how often an object that attributes alone identify is still referred to "
+                             "through a spatial relation (default %(default)s; those that attributes cannot "
+                             "identify always are)")
     shapes.add_argument("--detection", choices=["shape", "shape_color"],
                         help="also write COCO detection files {split}_detection_{scheme}.json whose categories "
                              "are the shapes or the (colour, shape) pairs")
@@ -499,7 +504,8 @@ def data_main(argv: list[str] | None = None) -> int:
         from mdetr.data.shapes import generate_shapes
 
         files = generate_shapes(args.output_dir, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                                num_val_unseen=args.num_val_unseen, image_size=args.image_size, progress=True)
+                                num_val_unseen=args.num_val_unseen, image_size=args.image_size,
+                                relation_fraction=args.relation_fraction, progress=True)
         if args.detection:
             from mdetr.data.shapes import export_detection
 
@@ -588,6 +594,16 @@ def _add_task_data_parsers(sub: argparse._SubParsersAction) -> None:
                      "graphs")
     gqa.add_argument("--vocab", metavar="FILE", help="also write the answer vocabularies built from these "
                      "questions, in the layout of gqa_answer2id_by_type.json")
+
+
+def _fraction(value: str) -> float:
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if not 0.0 <= fraction <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}")
+    return fraction
 
 
 def _file_spec(value: str) -> str | tuple[str, str]:

@@ -20,8 +20,9 @@ Texts, each its own image entry sharing the scene's PNG:
 
 * ``shapes_refexp``: 2-4 referring expressions per scene with exactly one annotation each. The expression
   picks out its target uniquely: the shortest attribute description that only the target matches, or
-  (when no description is unique, and sometimes for variety) a description plus a spatial relation to an
-  anchor object that is itself uniquely described ("the red circle left of the large blue square").
+  (when no description is unique, and otherwise with probability ``relation_fraction``, 0.3 by default) a
+  description plus a spatial relation to an anchor object that is itself uniquely described ("the red
+  circle left of the large blue square").
 * ``shapes_caption``: one caption per scene mentioning 2-4 disjoint groups of objects ("a large blue
   square, two yellow stars and a shiny gray circle."); every object of a group gets the group's span.
 
@@ -120,8 +121,9 @@ _NUMBER_WORDS = {
     9: "nine",
     10: "ten",
 }
-# Probability of describing a target through a relation although attributes alone would identify it.
-_RELATION_FOR_VARIETY = 0.3
+# Default probability of describing a target through a relation although attributes alone would identify
+# it (``relation_fraction`` of generate_shapes).
+RELATION_FRACTION = 0.3
 _SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}
 
 
@@ -465,18 +467,20 @@ def make_referring_expression(
     relation_margin: float,
     require_color: bool = False,
     index: _SceneIndex | None = None,
+    relation_fraction: float = RELATION_FRACTION,
 ) -> GroundedText | None:
     """An expression that refers to ``objects[target]`` only, or None if the scene does not allow one.
 
     Without a relation the description (shape plus the fewest attributes) matches the target alone. With a
     relation the anchor's description matches the anchor alone, the target is ``relation`` the anchor by more
     than ``relation_margin`` px, and no other object matching the target's description is ``relation`` the
-    anchor at all (margin 0), so the reading does not depend on the margin. ``index`` only caches the
-    scene's attribute tables across calls for the same ``objects``.
+    anchor at all (margin 0), so the reading does not depend on the margin. A relation is used when no
+    description alone is unique, and otherwise with probability ``relation_fraction``. ``index`` only caches
+    the scene's attribute tables across calls for the same ``objects``.
     """
     index = index or _SceneIndex(objects)
     unique = index.unique_subsets(target, require_color=require_color)
-    if not unique or rng.random() < _RELATION_FOR_VARIETY:
+    if not unique or rng.random() < relation_fraction:
         relational = _relational_description(
             index, target, rng, relation_margin=relation_margin, require_color=require_color
         )
@@ -593,7 +597,8 @@ def _scene_rngs(seed: int, split: str, index: int) -> list[np.random.Generator]:
 
 
 def _make_scene(
-    *, seed: int, split: str, index: int, image_size: int, min_objects: int, max_objects: int
+    *, seed: int, split: str, index: int, image_size: int, min_objects: int, max_objects: int,
+    relation_fraction: float = RELATION_FRACTION,
 ) -> _Scene:
     layout_rng, render_rng, text_rng = _scene_rngs(seed, split, index)
     held_out = split == "val_unseen"
@@ -619,6 +624,7 @@ def _make_scene(
             relation_margin=relation_margin(image_size),
             require_color=held_out,
             index=scene_index,
+            relation_fraction=relation_fraction,
         )
         if refexp is not None:
             refexps.append(refexp)
@@ -720,12 +726,15 @@ def generate_shapes(
     image_size: int = 256,
     min_objects: int = 3,
     max_objects: int = 10,
+    relation_fraction: float = RELATION_FRACTION,
     progress: bool = False,
 ) -> dict[str, Path]:
     """Write the shapes dataset under ``out_dir`` and return ``{split: path of split.json}``.
 
     The same arguments give byte-identical JSON and pixel-identical PNGs. See the module docstring for the
-    layout, the texts and the held-out pairs.
+    layout, the texts and the held-out pairs. ``relation_fraction``: how often an object that attributes
+    alone identify is still referred to through a spatial relation (objects that attributes cannot
+    identify always are). It changes only the texts: the scenes and images do not depend on it.
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"Need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}.")
@@ -733,6 +742,8 @@ def generate_shapes(
         raise ValueError(f"image_size must be at least 32 px so small shapes stay visible, got {image_size}.")
     if min(num_train, num_val, num_val_unseen) < 0:
         raise ValueError("Scene counts must be non-negative.")
+    if not 0.0 <= relation_fraction <= 1.0:
+        raise ValueError(f"relation_fraction must be between 0 and 1, got {relation_fraction}.")
     out_dir = Path(out_dir)
     counts = {"train": num_train, "val": num_val, "val_unseen": num_val_unseen}
     paths: dict[str, Path] = {}
@@ -748,6 +759,7 @@ def generate_shapes(
                 image_size=image_size,
                 min_objects=min_objects,
                 max_objects=max_objects,
+                relation_fraction=relation_fraction,
             )
             # zlib level 3 writes about twice as fast as the default 6 for files about 30% larger.
             scene.image.save(image_dir / f"{index:06d}.png", compress_level=3)
@@ -768,6 +780,7 @@ def generate_shapes(
         "materials": {name: list(words) for name, words in MATERIAL_WORDS.items()},
         "relations": list(RELATIONS),
         "relation_margin_px": relation_margin(image_size),
+        "relation_fraction": relation_fraction,
         "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "tokens_positive": "the referred noun phrase including its determiner or count word",
     }
