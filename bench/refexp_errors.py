@@ -1,0 +1,87 @@
+"""Where a shapes grounding model fails: precision@1 of expressions with and without a spatial relation, and
+which object the top box lands on when a relation expression is missed.
+
+    python bench/refexp_errors.py mdetr_lite_shapes --data runs/bench_shapes_qa/shapes --split val
+
+Runs the model (bf16 ``Predictor`` at the checkpoint's evaluation size) on every referring expression of the
+split, takes the top box (GIoU is not needed here: a hit is IoU >= 0.5 with the referred box, which for these
+axis-aligned boxes agrees with the evaluator on all but borderline cases) and matches a missed box to the
+scene's objects (``{split}_scenes.json``): another object of the target's shape, the anchor side of the
+sentence, another object, or no object at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from mdetr.inference.predictor import Predictor
+
+RELATION = re.compile(r"\b(left of|right of|above|below)\b")
+
+
+def iou_xywh(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint folder or bundled model name")
+    parser.add_argument("--data", required=True,
+                        help="shapes folder (with {split}.json and {split}_scenes.json)")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    root = Path(args.data)
+    data = json.loads((root / f"{args.split}.json").read_text())
+    scene_list = json.loads((root / f"{args.split}_scenes.json").read_text())
+    scenes = {s["file_name"]: s["objects"] for s in scene_list}
+    referred = {a["image_id"]: a["bbox"] for a in data["annotations"]}
+    predictor = Predictor.from_checkpoint(args.checkpoint, dtype="bfloat16")
+    totals, hits, misses = collections.Counter(), collections.Counter(), collections.Counter()
+    for image in data["images"]:
+        if image["dataset_name"] != "shapes_refexp":
+            continue
+        text, objects, target_box = image["caption"], scenes[image["file_name"]], referred[image["id"]]
+        target = max(objects, key=lambda o: iou_xywh(o["bbox"], target_box))
+        (x0, y0, x1, y1), = predictor.predict(root / "images" / image["file_name"], text, threshold=0.0,
+                                              top_k=1).boxes[:1].tolist()
+        box = [x0, y0, x1 - x0, y1 - y0]
+        relation = RELATION.search(text)
+        group = "relation" if relation else "plain"
+        totals[group] += 1
+        if iou_xywh(box, target_box) >= 0.5:
+            hits[group] += 1
+            continue
+        if not relation:
+            continue
+        landed = max(objects, key=lambda o: iou_xywh(o["bbox"], box))
+        if iou_xywh(landed["bbox"], box) < 0.5:
+            misses["no object"] += 1
+        elif landed["shape"] == target["shape"]:
+            misses["another object of the target's shape"] += 1
+        elif landed["shape"] in text[relation.end():]:
+            misses["an object of the shape named after the relation"] += 1
+        else:
+            misses["another object"] += 1
+    report = {"split": args.split,
+              "precision_at_1": {g: {"expressions": totals[g], "P@1": round(100 * hits[g] / totals[g], 1)}
+                                 for g in totals},
+              "missed_relation_expressions": dict(misses.most_common())}
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
