@@ -22,21 +22,21 @@ from pathlib import Path
 import torch
 
 from mdetr.inference.predictor import Predictor
-from mdetr.ops.boxes import box_xywh_to_xyxy, generalized_box_iou
+from mdetr.ops.boxes import box_iou, box_xywh_to_xyxy, generalized_box_iou
 
 RELATION = re.compile(r"\b(left of|right of|above|below)\b")
 
 
+def _pair(a: list[float], b: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    return box_xywh_to_xyxy(torch.tensor([a])), box_xywh_to_xyxy(torch.tensor([b]))
+
+
 def iou_xywh(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    return box_iou(*_pair(a, b))[0][0, 0].item()
 
 
 def giou_xywh(a: list[float], b: list[float]) -> float:
-    boxes_a, boxes_b = box_xywh_to_xyxy(torch.tensor([a])), box_xywh_to_xyxy(torch.tensor([b]))
-    return generalized_box_iou(boxes_a, boxes_b)[0, 0].item()
+    return generalized_box_iou(*_pair(a, b))[0, 0].item()
 
 
 def main(argv: list[str] | None = None) -> dict:
