@@ -119,6 +119,22 @@ def test_text_tokens_get_zero_position(tiny_roberta):
     assert cache.pos[:, :-length].abs().sum() > 0
 
 
+@pytest.mark.parametrize("in_values", [False, True])
+def test_image_position_in_values_is_the_encoder_run_on_src_plus_pos(tiny_roberta, in_values):
+    torch.manual_seed(0)
+    model = MDETR(_tiny(tiny_roberta, image_position_in_values=in_values)).eval()
+    transformer = model.transformer
+    src, pos = torch.randn(1, 12, 32), torch.randn(1, 12, 32)
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        text = transformer.encode_text(["the star left of the square"], src.device)
+        cache = transformer.encode(src, mask, pos, text)
+        tokens = torch.cat([src + pos if in_values else src, text.features], dim=1)
+        joint_pos = torch.cat([pos, torch.zeros_like(text.features)], dim=1)
+        direct = transformer.encoder(tokens, padding_mask=torch.cat([mask, text.padding_mask], 1), pos=joint_pos)
+    assert torch.allclose(cache.memory, direct, atol=1e-6)
+
+
 def test_sine_position_embedding_direct():
     mask = torch.zeros(1, 2, 3, dtype=torch.bool)
     mask[0, :, 2] = True  # last column is padding

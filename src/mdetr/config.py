@@ -66,6 +66,11 @@ class ModelConfig:
     # and text once and never see what the object queries found (layer 0's self-attention runs before any
     # query has content). -1, the last layer, lets them read the objects first (BENCHMARKS.md, section 8).
     qa_decoder_layer: int = 0
+    # Add the image tokens' 2-D sine positions to the tokens themselves once, at the cross encoder's input
+    # (as ViT does), so attention *values* say where a token is. The official model adds positions to queries
+    # and keys only: a text token that attends to an object then learns what it is but not where, which is
+    # what a spatial relation ("left of the blue square") needs. False: the official, released behaviour.
+    image_position_in_values: bool = False
     # CLEVR-Ref+: a per-query logit saying whether the box is in the final referred set.
     predict_final: bool = False
     # PhraseCut segmentation: wrap the detector with the attention-map + small-FPN mask head.

@@ -188,6 +188,8 @@ class Transformer(nn.Module):
 
     decoder: ``"detr"`` (the official decoder) or ``"smca"`` (spatially modulated co-attention, see
     :mod:`mdetr.models.smca`, configured by ``smca_scale``, ``smca_multi_head`` and ``smca_beta``).
+    image_position_in_values: add the image positions to the image tokens at the encoder input (see
+    :meth:`encode`); off in the official model.
     """
 
     def __init__(
@@ -207,6 +209,7 @@ class Transformer(nn.Module):
         smca_multi_head: bool = True,
         smca_beta: float = 8.0,
         smca_grid_queries: int = 0,
+        image_position_in_values: bool = False,
     ) -> None:
         super().__init__()
         enc_layer = EncoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
@@ -229,6 +232,7 @@ class Transformer(nn.Module):
             raise ValueError(f"decoder must be 'detr' or 'smca', got {decoder!r}")
         self.d_model = d_model
         self.nhead = nhead
+        self.image_position_in_values = image_position_in_values
         # Xavier init of the transformer proper, done before the text encoder exists so it is untouched.
         for p in self.parameters():
             if p.dim() > 1:
@@ -283,7 +287,11 @@ class Transformer(nn.Module):
         """Joint self-attention over image tokens (B, HW, D) and text tokens; text gets zero position.
 
         image_shape: the (H, W) the image tokens were flattened from, kept in the cache for the decoder.
+        With ``image_position_in_values`` the image tokens enter as ``src + pos``, so every attention value
+        read from them carries their position (queries and keys get ``pos`` as always).
         """
+        if self.image_position_in_values:
+            src = src + pos
         memory = torch.cat([src, text.features], dim=1)
         padding_mask = torch.cat([mask, text.padding_mask], dim=1)
         pos = torch.cat([pos, torch.zeros_like(text.features)], dim=1)
