@@ -1,6 +1,12 @@
 """Where a shapes grounding model fails: precision@1 of expressions with and without a spatial relation, and
 which object the top box lands on when a relation expression is missed.
 
+Relation expressions are split by whether the relation is needed: the words of the referred phrase before
+the relation ("the circle" in "the circle left of the shiny square") match other objects of the scene too
+("relation needed"), or the target alone ("relation redundant"). For the first group the report adds the
+precision@1 of a uniform choice among the objects those words match: a model that reads the words but
+ignores the relation scores about that.
+
     python bench/refexp_errors.py mdetr_lite_shapes --data runs/bench_shapes_qa/shapes --split val
 
 Runs the model (bf16 ``Predictor`` at the checkpoint's evaluation size) on every referring expression of the
@@ -21,10 +27,23 @@ from pathlib import Path
 
 import torch
 
+from mdetr.data.shapes import COLORS, MATERIAL_WORDS, SHAPES, SIZES
 from mdetr.inference.predictor import Predictor
 from mdetr.ops.boxes import box_iou, box_xywh_to_xyxy, generalized_box_iou
 
 RELATION = re.compile(r"\b(left of|right of|above|below)\b")
+# Each word of a generated phrase that names an attribute, and the attribute it names.
+ATTRIBUTE_WORDS = {
+    **{w: ("size", w) for w in SIZES}, **{w: ("color", w) for w in COLORS},
+    **{w: ("material", m) for m, words in MATERIAL_WORDS.items() for w in words},
+    **{w: ("shape", w) for w in SHAPES},
+}
+
+
+def matching_objects(phrase: str, objects: list[dict]) -> list[dict]:
+    """The scene's objects that every attribute word of ``phrase`` describes."""
+    named = [ATTRIBUTE_WORDS[w] for w in phrase.split() if w in ATTRIBUTE_WORDS]
+    return [o for o in objects if all(o[key] == value for key, value in named)]
 
 
 def _pair(a: list[float], b: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     scene_list = json.loads((root / f"{args.split}_scenes.json").read_text())
     scenes = {s["file_name"]: s["objects"] for s in scene_list}
     referred = {a["image_id"]: a["bbox"] for a in data["annotations"]}
+    spans = {a["image_id"]: a["tokens_positive"][0] for a in data["annotations"]}
     predictor = Predictor.from_checkpoint(args.checkpoint, dtype="bfloat16")
     totals, hits, misses = collections.Counter(), collections.Counter(), collections.Counter()
+    chance = collections.Counter()
     for image in data["images"]:
         if image["dataset_name"] != "shapes_refexp":
             continue
@@ -66,7 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
                                               top_k=1).boxes[:1].tolist()
         box = [x0, y0, x1 - x0, y1 - y0]
         relation = RELATION.search(text)
-        group = "relation" if relation else "plain"
+        group = "plain"
+        if relation:
+            begin, end = spans[image["id"]]
+            candidates = len(matching_objects(text[begin:end], objects))
+            group = "relation needed" if candidates > 1 else "relation redundant"
+            chance[group] += 1 / candidates
         totals[group] += 1
         if giou_xywh(box, target_box) >= 0.5:
             hits[group] += 1
@@ -82,9 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
             misses["an object of the shape named after the relation"] += 1
         else:
             misses["another object"] += 1
+    relations = totals["relation needed"] + totals["relation redundant"]
+    totals["relation (all)"] = relations
+    hits["relation (all)"] = hits["relation needed"] + hits["relation redundant"]
     report = {"split": args.split,
               "precision_at_1": {g: {"expressions": totals[g], "P@1": round(100 * hits[g] / totals[g], 1)}
-                                 for g in totals},
+                                 for g in totals if totals[g]},
+              "uniform_choice_P@1": {g: round(100 * chance[g] / totals[g], 1) for g in chance},
               "missed_relation_expressions": dict(misses.most_common())}
     print(json.dumps(report, indent=2))
     return report
