@@ -416,6 +416,9 @@ class Config:
         if not self.loss.detection_losses and not self.model.qa_dataset:
             raise ConfigError("loss.detection_losses=false leaves only the answer losses: it needs a QA "
                               "model (model.qa_dataset=gqa or clevr)")
+        if self.model.image_position_in_values and self.task == "detection":
+            raise ConfigError("model.image_position_in_values=true is available for the grounding model only "
+                              "(task: grounding)")
         if self.train.cache_text_features and self.task == "detection":
             raise ConfigError("train.cache_text_features=true: the detection model has no text encoder")
         if self.train.cache_text_features and not self.model.freeze_text_encoder:
