@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             misses["an object of the shape named after the relation"] += 1
         else:
             misses["another object"] += 1
-    relations = totals["relation needed"] + totals["relation redundant"]
-    totals["relation (all)"] = relations
+    totals["relation (all)"] = totals["relation needed"] + totals["relation redundant"]
     hits["relation (all)"] = hits["relation needed"] + hits["relation redundant"]
     report = {"split": args.split,
               "precision_at_1": {g: {"expressions": totals[g], "P@1": round(100 * hits[g] / totals[g], 1)}

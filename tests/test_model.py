@@ -131,7 +131,8 @@ def test_image_position_in_values_is_the_encoder_run_on_src_plus_pos(tiny_robert
         cache = transformer.encode(src, mask, pos, text)
         tokens = torch.cat([src + pos if in_values else src, text.features], dim=1)
         joint_pos = torch.cat([pos, torch.zeros_like(text.features)], dim=1)
-        direct = transformer.encoder(tokens, padding_mask=torch.cat([mask, text.padding_mask], 1), pos=joint_pos)
+        padding = torch.cat([mask, text.padding_mask], dim=1)
+        direct = transformer.encoder(tokens, padding_mask=padding, pos=joint_pos)
     assert torch.allclose(cache.memory, direct, atol=1e-6)
 
 

@@ -187,9 +187,9 @@ def test_detection_config_defaults_and_class_resolution(detection_shapes, tmp_pa
     assert config.model.num_classes == 7 and config.model.class_names == ["", *SHAPES]
     with pytest.raises(ConfigError, match="detection model only"):
         load_config(None, ["model.decoder=smca", "model.smca_multiscale=true", "model.enc_layers=5"])
+    positions = _tiny_detection_overrides(detection_shapes, tmp_path, "model.image_position_in_values=true")
     with pytest.raises(ConfigError, match="grounding model only"):
-        load_config(None, _tiny_detection_overrides(detection_shapes, tmp_path, "model.image_position_in_values=true"),
-                    task="detection")
+        load_config(None, positions, task="detection")
     with pytest.raises(ConfigError, match="num_classes"):
         SMCADetector(ModelConfig(backbone="resnet18", backbone_pretrained=False, num_classes=0))
 
