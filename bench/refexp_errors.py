@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mdetr.data.shapes import COLORS, MATERIAL_WORDS, SHAPES, SIZES
+from mdetr.data.shapes_qa import matching, objects_from_scene
 from mdetr.inference.predictor import Predictor
 from mdetr.ops.boxes import box_iou, box_xywh_to_xyxy, generalized_box_iou
 
@@ -40,10 +41,9 @@ ATTRIBUTE_WORDS = {
 }
 
 
-def matching_objects(phrase: str, objects: list[dict]) -> list[dict]:
-    """The scene's objects that every attribute word of ``phrase`` describes."""
-    named = [ATTRIBUTE_WORDS[w] for w in phrase.split() if w in ATTRIBUTE_WORDS]
-    return [o for o in objects if all(o[key] == value for key, value in named)]
+def phrase_filter(phrase: str) -> dict[str, str]:
+    """The attribute values the words of a generated ``phrase`` name ({"color": "red", "shape": "circle"})."""
+    return dict(ATTRIBUTE_WORDS[w] for w in phrase.split() if w in ATTRIBUTE_WORDS)
 
 
 def _pair(a: list[float], b: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = json.loads((root / f"{args.split}.json").read_text())
     scene_list = json.loads((root / f"{args.split}_scenes.json").read_text())
     scenes = {s["file_name"]: s["objects"] for s in scene_list}
+    shape_objects = {s["file_name"]: objects_from_scene(s) for s in scene_list}
     referred = {a["image_id"]: a["bbox"] for a in data["annotations"]}
     spans = {a["image_id"]: a["tokens_positive"][0] for a in data["annotations"]}
     predictor = Predictor.from_checkpoint(args.checkpoint, dtype="bfloat16")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         group = "plain"
         if relation:
             begin, end = spans[image["id"]]
-            candidates = len(matching_objects(text[begin:end], objects))
+            candidates = len(matching(shape_objects[image["file_name"]], phrase_filter(text[begin:end])))
             group = "relation needed" if candidates > 1 else "relation redundant"
             chance[group] += 1 / candidates
         totals[group] += 1
