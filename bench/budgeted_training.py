@@ -41,19 +41,21 @@ def ensure_shapes(out: Path, args: argparse.Namespace) -> Path:
     return data_dir
 
 
-def training_split(data_dir: Path, relation_fraction: float) -> Path:
+def training_split(data_dir: Path, relation_fraction: float, relation_needed: bool = False) -> Path:
     """The folder whose ``train.json`` and ``images/train`` to train on: ``data_dir`` itself, or, for another
-    ``relation_fraction``, the same training scenes (same seed and count, so the same images) with texts
-    generated at that fraction, in a sibling folder (generated unless it is there). The val splits always
-    come from ``data_dir``, so results stay comparable."""
-    if relation_fraction == RELATION_FRACTION:
+    ``relation_fraction`` or with ``relation_needed``, the same training scenes (same seed and count, so the
+    same images) with texts generated so, in a sibling folder (generated unless it is there). The val splits
+    always come from ``data_dir``, so results stay comparable."""
+    if relation_fraction == RELATION_FRACTION and not relation_needed:
         return data_dir
     meta = json.loads((data_dir / "meta.json").read_text())
-    folder = data_dir.with_name(f"{data_dir.name}_train_relations{relation_fraction:g}")
+    suffix = "_needed" if relation_needed else ""
+    folder = data_dir.with_name(f"{data_dir.name}_train_relations{relation_fraction:g}{suffix}")
     if not (folder / "train_scenes.json").exists():
         generate_shapes(folder, seed=meta["seed"], num_train=meta["num_scenes"]["train"], num_val=0,
                         num_val_unseen=0, image_size=meta["image_size"], min_objects=meta["min_objects"],
-                        max_objects=meta["max_objects"], relation_fraction=relation_fraction, progress=True)
+                        max_objects=meta["max_objects"], relation_fraction=relation_fraction,
+                        relation_needed=relation_needed, progress=True)
     return folder
 
 

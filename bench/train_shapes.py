@@ -52,13 +52,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--relation-fraction", type=float, default=RELATION_FRACTION,
                         help="train on texts generated with this relation fraction (mdetr data shapes "
                              "--relation-fraction) for the same training scenes; val keeps the default 0.3")
+    parser.add_argument("--relation-needed", action="store_true",
+                        help="train on texts generated with mdetr data shapes --relation-needed (relations "
+                             "that the target's description alone does not make redundant); val unchanged")
     add_shapes_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     data_dir = ensure_shapes(out, args)
-    train_dir = training_split(data_dir, args.relation_fraction)
+    train_dir = training_split(data_dir, args.relation_fraction, args.relation_needed)
     overrides = [
         f"data.train_ann={train_dir / 'train.json'}", f"data.train_images={train_dir / 'images'}",
         f"data.val_ann={data_dir / 'val.json'}", f"data.val_images={data_dir / 'images'}",

@@ -407,6 +407,27 @@ def test_relation_fraction_changes_only_the_texts(tmp_path: Path) -> None:
         generate_shapes(tmp_path / "bad", num_train=1, num_val=0, num_val_unseen=0, relation_fraction=1.5)
 
 
+def test_relation_needed_describes_targets_by_shared_words(tmp_path: Path) -> None:
+    counts = {"num_train": 40, "num_val": 0, "num_val_unseen": 0}
+    generate_shapes(tmp_path / "default", seed=3, image_size=IMAGE_SIZE, relation_fraction=0.5, **counts)
+    generate_shapes(tmp_path / "needed", seed=3, image_size=IMAGE_SIZE, relation_fraction=0.5,
+                    relation_needed=True, **counts)
+    default, needed = tmp_path / "default", tmp_path / "needed"
+    assert (default / "train_scenes.json").read_bytes() == (needed / "train_scenes.json").read_bytes()
+    assert json.loads((needed / "meta.json").read_text())["relation_needed"] is True
+    candidates = {}
+    for name, out in (("default", default), ("needed", needed)):
+        candidates[name] = []
+        for text, scene, _ in _refexp_targets(out, "train"):
+            if relation := RELATION_RE.search(text):
+                words = parse_phrase(text[: relation.start()])
+                candidates[name].append(sum(matches(o, words) for o in scene))
+    # Without the option some relations are redundant (the words before them fit the target alone); with
+    # it every relation picks among several objects that the words before it fit.
+    assert min(candidates["default"]) == 1
+    assert min(candidates["needed"]) >= 2 and len(candidates["needed"]) >= 10
+
+
 def test_invalid_arguments_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_objects"):
         generate_shapes(tmp_path, num_train=1, num_val=0, num_val_unseen=0, min_objects=5, max_objects=3)

@@ -480,6 +480,9 @@ def data_main(argv: list[str] | None = None) -> int:
                         help="how often an object that attributes alone identify is still referred to "
                              "through a spatial relation (default %(default)s; those that attributes cannot "
                              "identify always are)")
+    shapes.add_argument("--relation-needed", action="store_true",
+                        help="describe the target of a relation, where the scene allows, by words that other "
+                             "objects match too, so that only the relation tells it apart")
     shapes.add_argument("--detection", choices=["shape", "shape_color"],
                         help="also write COCO detection files {split}_detection_{scheme}.json whose categories "
                              "are the shapes or the (colour, shape) pairs")
@@ -505,7 +508,8 @@ def data_main(argv: list[str] | None = None) -> int:
 
         files = generate_shapes(args.output_dir, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                                 num_val_unseen=args.num_val_unseen, image_size=args.image_size,
-                                relation_fraction=args.relation_fraction, progress=True)
+                                relation_fraction=args.relation_fraction, relation_needed=args.relation_needed,
+                                progress=True)
         if args.detection:
             from mdetr.data.shapes import export_detection
 

@@ -22,7 +22,9 @@ Texts, each its own image entry sharing the scene's PNG:
   picks out its target uniquely: the shortest attribute description that only the target matches, or
   (when no description is unique, and otherwise with probability ``relation_fraction``, 0.3 by default) a
   description plus a spatial relation to an anchor object that is itself uniquely described ("the red
-  circle left of the large blue square").
+  circle left of the large blue square"). With ``relation_needed`` the words before the relation always
+  match other objects too, so that only the relation tells the target apart (training texts that cannot be
+  solved while ignoring the relation); a target that no such words fit gets a relation-free description.
 * ``shapes_caption``: one caption per scene mentioning 2-4 disjoint groups of objects ("a large blue
   square, two yellow stars and a shiny gray circle."); every object of a group gets the group's span.
 
@@ -468,6 +470,7 @@ def make_referring_expression(
     require_color: bool = False,
     index: _SceneIndex | None = None,
     relation_fraction: float = RELATION_FRACTION,
+    relation_needed: bool = False,
 ) -> GroundedText | None:
     """An expression that refers to ``objects[target]`` only, or None if the scene does not allow one.
 
@@ -475,14 +478,17 @@ def make_referring_expression(
     relation the anchor's description matches the anchor alone, the target is ``relation`` the anchor by more
     than ``relation_margin`` px, and no other object matching the target's description is ``relation`` the
     anchor at all (margin 0), so the reading does not depend on the margin. A relation is used when no
-    description alone is unique, and otherwise with probability ``relation_fraction``. ``index`` only caches
-    the scene's attribute tables across calls for the same ``objects``.
+    description alone is unique, and otherwise with probability ``relation_fraction``. The target's own
+    description is the shortest that works; with ``relation_needed`` only descriptions that other objects
+    match too are tried, so the relation is never redundant. ``index`` only caches the scene's attribute
+    tables across calls for the same ``objects``.
     """
     index = index or _SceneIndex(objects)
     unique = index.unique_subsets(target, require_color=require_color)
     if not unique or rng.random() < relation_fraction:
         relational = _relational_description(
-            index, target, rng, relation_margin=relation_margin, require_color=require_color
+            index, target, rng, relation_margin=relation_margin, require_color=require_color,
+            relation_needed=relation_needed,
         )
         if relational is not None:
             return relational
@@ -504,6 +510,7 @@ def _relational_description(
     *,
     relation_margin: float,
     require_color: bool,
+    relation_needed: bool = False,
 ) -> GroundedText | None:
     objects = index.objects
     anchors = [(a, index.unique_subsets(a, require_color=False)) for a in rng.permutation(len(objects))]
@@ -514,6 +521,8 @@ def _relational_description(
     for k in order:
         subset = subsets[k]
         others = [o for o in index.matching(target, subset) if o != target]
+        if relation_needed and not others:
+            continue
         for anchor, anchor_subsets in anchors:
             for r in rng.permutation(len(RELATIONS)):
                 relation = RELATIONS[int(r)]
@@ -599,6 +608,7 @@ def _scene_rngs(seed: int, split: str, index: int) -> list[np.random.Generator]:
 def _make_scene(
     *, seed: int, split: str, index: int, image_size: int, min_objects: int, max_objects: int,
     relation_fraction: float = RELATION_FRACTION,
+    relation_needed: bool = False,
 ) -> _Scene:
     layout_rng, render_rng, text_rng = _scene_rngs(seed, split, index)
     held_out = split == "val_unseen"
@@ -625,6 +635,7 @@ def _make_scene(
             require_color=held_out,
             index=scene_index,
             relation_fraction=relation_fraction,
+            relation_needed=relation_needed,
         )
         if refexp is not None:
             refexps.append(refexp)
@@ -727,6 +738,7 @@ def generate_shapes(
     min_objects: int = 3,
     max_objects: int = 10,
     relation_fraction: float = RELATION_FRACTION,
+    relation_needed: bool = False,
     progress: bool = False,
 ) -> dict[str, Path]:
     """Write the shapes dataset under ``out_dir`` and return ``{split: path of split.json}``.
@@ -734,7 +746,9 @@ def generate_shapes(
     The same arguments give byte-identical JSON and pixel-identical PNGs. See the module docstring for the
     layout, the texts and the held-out pairs. ``relation_fraction``: how often an object that attributes
     alone identify is still referred to through a spatial relation (objects that attributes cannot
-    identify always are). It changes only the texts: the scenes and images do not depend on it.
+    identify always are). ``relation_needed``: describe the target of a relation only by words that other
+    objects match too, so that the relation is needed to tell it apart. Both change only
+    the texts: the scenes and images do not depend on them.
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"Need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}.")
@@ -760,6 +774,7 @@ def generate_shapes(
                 min_objects=min_objects,
                 max_objects=max_objects,
                 relation_fraction=relation_fraction,
+                relation_needed=relation_needed,
             )
             # zlib level 3 writes about twice as fast as the default 6 for files about 30% larger.
             scene.image.save(image_dir / f"{index:06d}.png", compress_level=3)
@@ -781,6 +796,7 @@ def generate_shapes(
         "relations": list(RELATIONS),
         "relation_margin_px": relation_margin(image_size),
         "relation_fraction": relation_fraction,
+        "relation_needed": relation_needed,
         "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "tokens_positive": "the referred noun phrase including its determiner or count word",
     }
