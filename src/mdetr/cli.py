@@ -508,8 +508,8 @@ def data_main(argv: list[str] | None = None) -> int:
 
         files = generate_shapes(args.output_dir, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
                                 num_val_unseen=args.num_val_unseen, image_size=args.image_size,
-                                relation_fraction=args.relation_fraction, relation_needed=args.relation_needed,
-                                progress=True)
+                                relation_fraction=args.relation_fraction,
+                                relation_needed=args.relation_needed, progress=True)
         if args.detection:
             from mdetr.data.shapes import export_detection
 
