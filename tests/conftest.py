@@ -34,7 +34,8 @@ def _tiny_overrides(shapes_dir, output_dir, *extra):
     """A 2-layer, 64-wide mdetr_lite on the tiny shapes set: seconds per epoch on a CPU."""
     return [
         "model.arch=mdetr_lite", "model.hidden_dim=64", "model.nheads=4", "model.enc_layers=1",
-        "model.dec_layers=2", "model.dim_feedforward=128", "model.num_queries=6", "model.dropout=0.0", "model.freeze_text_encoder=true",
+        "model.dec_layers=2", "model.dim_feedforward=128", "model.num_queries=6", "model.dropout=0.0",
+        "model.freeze_text_encoder=true",
         f"data.train_ann={shapes_dir / 'train.json'}", f"data.train_images={shapes_dir / 'images'}",
         f"data.val_ann={shapes_dir / 'val.json'}", f"data.val_images={shapes_dir / 'images'}",
         "data.scales=[128]", "data.crop_scales=[128]", "data.crop_min=96", "data.crop_max=128",

@@ -16,7 +16,8 @@ def trained(shapes_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-run")
     config = out / "tiny.yaml"
     config.write_text("model:\n  arch: mdetr_lite\n")
-    args = ["train", "--config", str(config), "--no-progress", *_tiny_overrides(shapes_dir, out / "run", "train.epochs=2")]
+    args = ["train", "--config", str(config), "--no-progress",
+            *_tiny_overrides(shapes_dir, out / "run", "train.epochs=2")]
     assert main(args) == 0
     return out / "run"
 
@@ -76,7 +77,7 @@ def test_predictor_api(trained, shapes_dir):
     assert grounding.boxes.shape == (3, 4) and grounding.scores.shape == (3,)
     assert (grounding.scores[:-1] >= grounding.scores[1:]).all()  # best first
     assert (grounding.boxes >= -1).all() and (grounding.boxes <= 129).all()  # pixels of a 128 px image
-    for phrase, spans in zip(grounding.phrases, grounding.spans):
+    for phrase, spans in zip(grounding.phrases, grounding.spans, strict=True):
         assert phrase == " ".join(caption[s:e] for s, e in spans) and phrase in caption or " " in phrase
     # The batch path gives the same answer as one call per image.
     batch = predictor.predict_batch([image, image], [caption, "a green star"], threshold=0.0, top_k=3)
@@ -97,7 +98,8 @@ def test_data_shapes_and_validate(tmp_path, capsys):
     bad.write_text(json.dumps(data))
     assert main(["data", "validate", str(bad), "--images", str(tmp_path / "s" / "images")]) == 1
     out = capsys.readouterr().out
-    assert f"annotation id {data['annotations'][0]['id']}" in out and f"annotation id {data['annotations'][1]['id']}" in out
+    assert (f"annotation id {data['annotations'][0]['id']}" in out
+            and f"annotation id {data['annotations'][1]['id']}" in out)
     assert "2 problem(s)" in out
 
 

@@ -83,7 +83,8 @@ def _targets():
 
 
 def test_soft_token_loss_direct_computation():
-    """loss_ce = (sum over matched -sum_t target*logp + eos_coef * sum over unmatched -log p_noobj) / num_boxes."""
+    """loss_ce = (sum over matched -sum_t target*logp + eos_coef * sum over unmatched -log p_noobj) /
+    num_boxes."""
     config = LossConfig()
     criterion = build_criterion(config, num_token_slots=8)
     out = _outputs(aux=0)
@@ -94,7 +95,7 @@ def test_soft_token_loss_direct_computation():
     logp = out.pred_logits.detach().log_softmax(-1)
     expected = 0.0
     for b in range(2):
-        matched = dict(zip(indices[b][0].tolist(), indices[b][1].tolist()))
+        matched = dict(zip(indices[b][0].tolist(), indices[b][1].tolist(), strict=True))
         for q in range(4):
             if q in matched:
                 expected += -(tokens[b][matched[q]] * logp[b, q]).sum().item()

@@ -16,8 +16,8 @@ def _frozen_run(tiny_overrides, shapes_dir, out, *extra):
                           "train.lr_text_encoder=1e-12", "train.weight_decay=0", *extra)
 
 
-def test_cli_init_starts_training_from_the_given_checkpoint(tiny_checkpoint, shapes_dir, tmp_path, tiny_overrides,
-                                                           capsys):
+def test_cli_init_starts_training_from_the_given_checkpoint(tiny_checkpoint, shapes_dir, tmp_path,
+                                                           tiny_overrides, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text("model:\n  arch: mdetr_lite\n")
     assert main(["train", "--config", str(config), "--no-progress", "--init", str(tiny_checkpoint),
@@ -57,7 +57,8 @@ def test_weights_of_another_architecture_are_one_error_naming_the_keys(tiny_chec
                                                                        tiny_overrides):
     wider = load_config(None, tiny_overrides(shapes_dir, tmp_path / "run", "model.hidden_dim=96"))
     model, _, _ = build(wider)
-    with pytest.raises(CheckpointError, match=r"does not fit the model: .*shape mismatches .*query_embed.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"does not fit the model: .*shape mismatches .*query_embed.weight"):
         initialise_from(model, tiny_checkpoint)
 
 

@@ -60,7 +60,9 @@ def test_cost_matrix_terms_match_direct_computation():
             expected = (
                 -1.5 * (prob[q] * tt[0][t]).sum()
                 + 5 * (boxes[0, q] - tb[0][t]).abs().sum()
-                - 2 * generalized_box_iou(box_cxcywh_to_xyxy(boxes[0, q : q + 1]), box_cxcywh_to_xyxy(tb[0][t : t + 1]))[0, 0]
+                - 2 * generalized_box_iou(
+                    box_cxcywh_to_xyxy(boxes[0, q : q + 1]), box_cxcywh_to_xyxy(tb[0][t : t + 1])
+                )[0, 0]
             )
             assert cost[q, t].item() == pytest.approx(expected.item(), abs=1e-5)
 
@@ -93,4 +95,4 @@ def test_obvious_assignment():
     tokens = torch.zeros(2, slots)
     tokens[0, 3] = tokens[1, 1] = 1
     (src, tgt), = HungarianMatcher()(logits, pred_boxes, tgt_boxes, [tokens])
-    assert dict(zip(tgt.tolist(), src.tolist())) == {0: 1, 1: 0}
+    assert dict(zip(tgt.tolist(), src.tolist(), strict=True)) == {0: 1, 1: 0}

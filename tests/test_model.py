@@ -13,7 +13,8 @@ from mdetr.registry import get_arch_config
 
 @pytest.fixture(scope="module")
 def tiny_roberta(tmp_path_factory):
-    """A 2-layer RoBERTa with a byte-level BPE tokenizer, saved as a local folder (as roberta-base would be)."""
+    """A 2-layer RoBERTa with a byte-level BPE tokenizer, saved as a local folder (as roberta-base would
+    be)."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
     from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
@@ -26,22 +27,24 @@ def tiny_roberta(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
     tokenizer.save_pretrained(folder)
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=80, pad_token_id=1)
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, max_position_embeddings=80,
+                           pad_token_id=1)
     torch.manual_seed(0)
     RobertaModel(config).save_pretrained(folder)
     return str(folder)
 
 
 def _tiny(text_encoder, **kw):
-    base = dict(backbone="resnet18", backbone_pretrained=False, text_encoder=text_encoder, hidden_dim=32, nheads=4,
-                enc_layers=2, dec_layers=3, dim_feedforward=64, num_queries=5, dropout=0.0)
+    base = dict(backbone="resnet18", backbone_pretrained=False, text_encoder=text_encoder, hidden_dim=32,
+                nheads=4, enc_layers=2, dec_layers=3, dim_feedforward=64, num_queries=5, dropout=0.0)
     base.update(kw)
     return ModelConfig(**base)
 
 
 def test_official_parameter_layout_r101(tiny_roberta):
-    """The paper architecture with the official key names (text encoder shrunk: roberta-base is not offline)."""
+    """The paper architecture with the official key names (text encoder shrunk: roberta-base is not
+    offline)."""
     config = get_arch_config("mdetr_resnet101", backbone_pretrained=False, text_encoder=tiny_roberta)
     keys = MDETR(config).state_dict()
     expected_shapes = {
@@ -113,7 +116,8 @@ def test_encode_once_decode_equals_forward(tiny_roberta):
 def test_text_tokens_get_zero_position(tiny_roberta):
     model = MDETR(_tiny(tiny_roberta)).eval()
     with torch.no_grad():
-        cache = model.encode(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), ["a red star"])
+        cache = model.encode(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool),
+                             ["a red star"])
     length = cache.text_memory.shape[1]
     assert cache.pos[:, -length:].abs().sum() == 0
     assert cache.pos[:, :-length].abs().sum() > 0
@@ -168,8 +172,8 @@ def test_frozen_levels_and_parameter_groups(tiny_roberta):
 def test_stages_past_the_transformer_level_are_skipped_and_frozen():
     """mdetr_lite reads stride 16: EfficientNet's stride-32 stage never runs, so its weights are frozen
     (keys kept for checkpoints) and every trainable parameter gets a gradient, as DDP wants."""
-    config = get_arch_config("mdetr_lite", backbone_pretrained=False, hidden_dim=64, enc_layers=1, dec_layers=1,
-                             dim_feedforward=64, num_queries=4)
+    config = get_arch_config("mdetr_lite", backbone_pretrained=False, hidden_dim=64, enc_layers=1,
+                             dec_layers=1, dim_feedforward=64, num_queries=4)
     model = MDETR(config)
     body = model.backbone[0].body
     last_used = body._feature_stages[config.backbone_level]
@@ -235,7 +239,8 @@ def test_multihead_attention_equals_torch_with_the_same_state():
     padding[1, 4:] = True
     for mask in (None, padding):
         expected = reference(query, key, value, key_padding_mask=mask, need_weights=True)[0]  # bmm + softmax
-        torch.testing.assert_close(ours(query, key, value, key_padding_mask=mask), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours(query, key, value, key_padding_mask=mask), expected,
+                                   rtol=1e-5, atol=1e-6)
     # padded keys carry no weight: changing them changes nothing
     noisy = value.clone()
     noisy[1, 4:] = 1e3

@@ -65,7 +65,8 @@ def test_pack_missing_a_tensor_is_refused(packed, tmp_path):
     tensors.pop("transformer.decoder.reference_anchor")
     save_file(tensors, str(broken / "model.safetensors"))
     doc = json.loads((packed / "state.json").read_text())
-    doc["files"] = {"model.safetensors": sha256_file(broken / "model.safetensors")}  # a consistent, incomplete pack
+    # a consistent, incomplete pack
+    doc["files"] = {"model.safetensors": sha256_file(broken / "model.safetensors")}
     (broken / "state.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="missing keys.*reference_anchor"):
         load(broken)

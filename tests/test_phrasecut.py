@@ -561,7 +561,8 @@ def test_two_stage_recipe_through_the_cli(shapes_dir, tmp_path, tiny_overrides, 
     mask = rle_to_mask(record["mask_rle"])
     assert mask.shape == (128, 128) and record["mask_area"] == int(mask.sum())
     assert record["detections"] and Image.open(record["picture"]).size[0] == 128
-    # a segmentation region is every box above the threshold: --top-k would silently change it, so it is refused
+    # a segmentation region is every box above the threshold: --top-k would silently change it, so it is
+    # refused
     with pytest.raises(SystemExit):
         main(["predict", str(stage2 / "last"), "--image", str(image), "--text", "the red circle",
               "--top-k", "1", "--output-dir", str(tmp_path / "pred_topk")])

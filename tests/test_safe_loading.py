@@ -92,7 +92,8 @@ def test_benign_official_file_still_loads(tmp_path):
     path = tmp_path / "good.pth"
     torch.save({"model": {"w": torch.arange(3.0)}, "args": argparse.Namespace(lr=1e-4), "epoch": 2}, path)
     read = read_official_checkpoint(path)
-    assert torch.equal(read.state_dict["w"], torch.arange(3.0)) and read.args == {"lr": 1e-4} and read.epoch == 2
+    assert (torch.equal(read.state_dict["w"], torch.arange(3.0)) and read.args == {"lr": 1e-4}
+            and read.epoch == 2)
 
 
 def test_malicious_refcoco_refs_pickle_is_refused(tmp_path):
@@ -130,12 +131,15 @@ def test_every_unpickling_call_in_the_package_is_restricted():
         for call in _calls(tree, "torch.load"):
             loads += 1
             flags = {k.arg: k.value for k in call.keywords}
-            assert isinstance(flags.get("weights_only"), ast.Constant) and flags["weights_only"].value is True, \
+            assert (isinstance(flags.get("weights_only"), ast.Constant)
+                    and flags["weights_only"].value is True), \
                 f"{file}:{call.lineno} calls torch.load without weights_only=True"
         for name in ("pickle.load", "pickle.loads"):
             assert not list(_calls(tree, name)), f"{file} calls {name}"
         for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef) and any(ast.unparse(b) == "pickle.Unpickler" for b in node.bases):
+            if isinstance(node, ast.ClassDef) and any(
+                ast.unparse(b) == "pickle.Unpickler" for b in node.bases
+            ):
                 methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
                 assert "find_class" in methods, f"{file}: {node.name} must restrict find_class"
     assert loads >= 1  # the scan does see the package's torch.load calls

@@ -16,7 +16,9 @@ def factor(group: str, schedule: str, *, epoch: int, step: int, total: int = 100
 
 
 def test_step_schedule_drops_tenfold_every_lr_drop_epochs() -> None:
-    assert [factor("main", "step", epoch=e, step=0) for e in range(5)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    assert [factor("main", "step", epoch=e, step=0) for e in range(5)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01]
+    )
 
 
 def test_linear_with_warmup_applies_to_the_text_encoder_only() -> None:
@@ -46,7 +48,8 @@ def test_minutes_clock_follows_the_spent_budget_when_it_is_further_along() -> No
     assert _schedule_position(tc, epoch=0, step=10, total_steps=400, minutes=12.0)["step"] == 400
     # So a linear schedule reaches zero when the budget is spent, however few steps were taken.
     end = _schedule_position(tc, epoch=0, step=10, total_steps=400, minutes=10.0)
-    assert lr_factor("main", schedule="all_linear_with_warmup", lr_drop=100, warmup_fraction=0.01, **end) == 0.0
+    assert lr_factor("main", schedule="all_linear_with_warmup", lr_drop=100, warmup_fraction=0.01,
+                     **end) == 0.0
 
 
 def test_minutes_clock_needs_a_budget() -> None:

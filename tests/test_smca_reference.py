@@ -11,7 +11,9 @@ D, HEADS = 16, 4
 
 def test_reference_grid_is_a_raster_of_cell_centres():
     grid = reference_grid(6)  # 3 columns, 2 rows
-    expected = torch.tensor([[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25], [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]])
+    expected = torch.tensor(
+        [[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25], [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]]
+    )
     torch.testing.assert_close(grid, expected)
     assert reference_grid(16).unique(dim=0).shape == (16, 2)
 

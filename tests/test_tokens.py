@@ -19,7 +19,6 @@ from mdetr.data.tokens import (  # noqa: E402
     token_coverage,
 )
 
-
 BPE_CORPUS = [
     "the cat sat on the mat",
     "a giraffe is tall",

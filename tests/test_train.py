@@ -12,7 +12,8 @@ from mdetr.engine.train import train
 
 
 def test_short_training_run_loss_falls(shapes_dir, tmp_path, tiny_overrides):
-    config = load_config(None, tiny_overrides(shapes_dir, tmp_path / "run", "train.epochs=12", "train.eval_every=12"))
+    config = load_config(None, tiny_overrides(shapes_dir, tmp_path / "run", "train.epochs=12",
+                                              "train.eval_every=12"))
     result = train(config, progress=False, echo=lambda *_: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["type"] == "train"]
@@ -54,14 +55,16 @@ def test_checkpoint_restores_optimizer_and_rejects_mismatch(shapes_dir, tmp_path
     config = load_config(None, tiny_overrides(shapes_dir, tmp_path))
     model, _, _ = build(config)
     optimizer = build_optimizer(model, config.train)
-    model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool), ["a red circle"]).pred_boxes.sum().backward()
+    model(torch.zeros(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool),
+          ["a red circle"]).pred_boxes.sum().backward()
     optimizer.step()
-    save_checkpoint(tmp_path / "ck", model=model, config=config.to_dict(), optimizer=optimizer, state={"epoch": 0, "step": 1})
+    save_checkpoint(tmp_path / "ck", model=model, config=config.to_dict(), optimizer=optimizer,
+                    state={"epoch": 0, "step": 1})
     model2, _, _ = build(config)
     optimizer2 = build_optimizer(model2, config.train)
     state = restore_training(tmp_path / "ck", model=model2, optimizer=optimizer2)
     assert state == {"epoch": 0, "step": 1}
-    for p, q in zip(model.parameters(), model2.parameters()):
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(p, q)
     s1, s2 = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
     assert s1.keys() == s2.keys()

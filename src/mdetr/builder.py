@@ -132,10 +132,14 @@ def load(
     config = Config.from_dict(doc["config"], source=f"{path}/state.json")
     packed = doc["format"] == PACK_FORMAT
     if packed and weights != "model":
-        raise ConfigError(f"{path} is a packed inference checkpoint: it holds one set of weights, not '{weights}'")
+        raise ConfigError(
+            f"{path} is a packed inference checkpoint: it holds one set of weights, not '{weights}'"
+        )
     # A full checkpoint holds every weight, so nothing pretrained needs to be read first; a pack stores only
     # what training changed and takes the rest from the pretrained parts.
-    model_config = dataclasses.replace(config.model, backbone_pretrained=packed, text_encoder_pretrained=packed)
+    model_config = dataclasses.replace(
+        config.model, backbone_pretrained=packed, text_encoder_pretrained=packed
+    )
     bundled = path / TEXT_ENCODER_DIR
     if text_encoder is not None:
         model_config.text_encoder = text_encoder

@@ -25,6 +25,7 @@ def bundled_model_path(name: str) -> Path | None:
 
 
 def example_scenes() -> list[dict]:
-    """The bundled example scenes: ``[{"image": Path, "texts": [...]}, ...]`` (held-out colour-shape pairs)."""
+    """The bundled example scenes: ``[{"image": Path, "texts": [...]}, ...]`` (held-out colour-shape
+    pairs)."""
     index = json.loads((EXAMPLES_DIR / "examples.json").read_text())
     return [{"image": EXAMPLES_DIR / entry["image"], "texts": entry["texts"]} for entry in index]

@@ -24,13 +24,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdetr train", description="Train an MDETR model from a YAML preset.")
+    parser = argparse.ArgumentParser(prog="mdetr train",
+                                     description="Train an MDETR model from a YAML preset.")
     parser.add_argument("--config", required=True, help="YAML preset (see configs/)")
     parser.add_argument("--output-dir", help="shorthand for train.output_dir=...")
     parser.add_argument("--resume", help="continue from a checkpoint folder (e.g. runs/x/last)")
     parser.add_argument("--init", metavar="WEIGHTS",
-                        help="fine-tune: start from these weights (checkpoint folder, bundled name or official "
-                             ".pth); shorthand for train.init_weights=...")
+                        help="fine-tune: start from these weights (checkpoint folder, bundled name or "
+                             "official .pth); shorthand for train.init_weights=...")
     parser.add_argument("--device", help="shorthand for train.device=...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--task", choices=["grounding", "detection"],
@@ -57,7 +58,8 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mdetr evaluate", description="Evaluate a checkpoint on an annotation file.")
+    parser = argparse.ArgumentParser(prog="mdetr evaluate",
+                                     description="Evaluate a checkpoint on an annotation file.")
     parser.add_argument("checkpoint", help="checkpoint folder written by mdetr train")
     parser.add_argument("--ann", required=True, nargs="+",
                         help="MDETR-format annotation JSON (an LVIS v1 file for --task lvis; several "
@@ -65,7 +67,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                              "finetune_phrasecut_{split}.json or the original refer_{split}.json for "
                              "--task phrasecut)")
     parser.add_argument("--images", required=True, help="image folder")
-    parser.add_argument("--refexp-datasets", default="", help="comma-separated dataset_name values for precision@k")
+    parser.add_argument("--refexp-datasets", default="",
+                        help="comma-separated dataset_name values for precision@k")
     parser.add_argument("--overlap", choices=["giou", "iou"], default="giou",
                         help="precision@k criterion: GIoU >= 0.5 (official MDETR) or IoU >= 0.5")
     parser.add_argument("--weights", choices=["model", "ema"], default="model")
@@ -103,15 +106,16 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     from torch.utils.data import DataLoader
 
     from mdetr.builder import load
-    from mdetr.data.collate import collate
     from mdetr.data.build import build_dataset
+    from mdetr.data.collate import collate
     from mdetr.engine.evaluate import evaluate
     from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 
     model = load(args.checkpoint, weights=args.weights, device=args.device)
     if model.config.qa_dataset == "gqa":
         return _evaluate_gqa(args, model)
-    dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=args.ann, image_root=args.images)
+    dataset = build_dataset(model.train_config.data, "val", model.tokenizer, ann_file=args.ann,
+                            image_root=args.images)
     if model.config.qa_dataset == "clevr":
         return _evaluate_qa(args, model, dataset)
     if model.config.predict_final:
@@ -119,7 +123,8 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     evaluators: dict[str, object] = {"box_ap": CocoBoxEvaluator(dataset.ground_truth)}
     names = [n for n in args.refexp_datasets.split(",") if n]
     if names:
-        evaluators["refexp"] = RefExpEvaluator(dataset.ground_truth, dataset_names=names, overlap=args.overlap)
+        evaluators["refexp"] = RefExpEvaluator(dataset.ground_truth, dataset_names=names,
+                                               overlap=args.overlap)
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate)
     import torch
 
@@ -250,7 +255,8 @@ def format_metrics(metrics: dict) -> str:
                 lines.append(f"  {name:<20} " + "  ".join(f"{k} {v * 100:6.2f}" for k, v in values.items()))
     if "box_ap" in metrics:
         b = metrics["box_ap"]
-        lines.append("Class-agnostic box AP: " + "  ".join(f"{k} {b[k] * 100:.2f}" for k in ("AP", "AP50", "AP75")))
+        lines.append("Class-agnostic box AP: "
+                     + "  ".join(f"{k} {b[k] * 100:.2f}" for k in ("AP", "AP50", "AP75")))
     return "\n".join(lines)
 
 
@@ -259,7 +265,8 @@ def _expand_images(spec: list[str]) -> list[Path]:
     for item in spec:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
+            paths += sorted(q for q in p.iterdir()
+                            if q.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
         elif any(ch in item for ch in "*?["):
             paths += sorted(Path(q) for q in glob.glob(item))
         else:
@@ -283,7 +290,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     what.add_argument("--question", help="a question to answer (a QA checkpoint, model.qa_dataset=clevr or "
                       "gqa), e.g. \"how many red things are there?\": prints the answer and the boxes the "
                       "question's phrases refer to")
-    parser.add_argument("--threshold", type=float, help="keep boxes with 1 - p(no object) above this (default "
+    parser.add_argument("--threshold", type=float,
+                        help="keep boxes with 1 - p(no object) above this (default "
                         "0.7); for a detection checkpoint, category probability above this (default 0.3)")
     parser.add_argument("--top-k", type=int, help="keep at most this many boxes per image")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
@@ -376,7 +384,8 @@ def _predict_detection(args: argparse.Namespace) -> int:
     for record in records:
         best = "; ".join(f"{d['phrase']} {d['score']:.2f}" for d in record["detections"][:3])
         print(f"{record['image']}: {len(record['detections'])} boxes {best}")
-    print(f"wrote {out / 'predictions.json'}, {out / 'results_coco.json'} and {len(records)} pictures in {out}")
+    print(f"wrote {out / 'predictions.json'}, {out / 'results_coco.json'} and {len(records)} pictures "
+          f"in {out}")
     return 0
 
 
@@ -484,8 +493,8 @@ def data_main(argv: list[str] | None = None) -> int:
                         help="describe the target of a relation, where the scene allows, by words that other "
                              "objects match too, so that only the relation tells it apart")
     shapes.add_argument("--detection", choices=["shape", "shape_color"],
-                        help="also write COCO detection files {split}_detection_{scheme}.json whose categories "
-                             "are the shapes or the (colour, shape) pairs")
+                        help="also write COCO detection files {split}_detection_{scheme}.json whose "
+                             "categories are the shapes or the (colour, shape) pairs")
     shapes.add_argument("--qa", action="store_true",
                         help="also write CLEVR-style question-answer files {split}_qa.json (exist, count, "
                              "compare number, query attribute, compare attribute; for "
@@ -498,7 +507,8 @@ def data_main(argv: list[str] | None = None) -> int:
     validate = sub.add_parser("validate", help="list every problem in an MDETR-format annotation file")
     validate.add_argument("ann_file")
     validate.add_argument("--images", help="image folder (checks that every image opens and has its size)")
-    validate.add_argument("--text-encoder", default="minilm", help="tokenizer used to check spans and lengths")
+    validate.add_argument("--text-encoder", default="minilm",
+                          help="tokenizer used to check spans and lengths")
     _add_task_data_parsers(sub)
     args = parser.parse_args(argv)
     if args.command in ("combine", "flickr", "refexp", "lvis", "phrasecut", "gqa"):
@@ -506,15 +516,16 @@ def data_main(argv: list[str] | None = None) -> int:
     if args.command == "shapes":
         from mdetr.data.shapes import generate_shapes
 
-        files = generate_shapes(args.output_dir, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
-                                num_val_unseen=args.num_val_unseen, image_size=args.image_size,
+        files = generate_shapes(args.output_dir, seed=args.seed, num_train=args.num_train,
+                                num_val=args.num_val, num_val_unseen=args.num_val_unseen,
+                                image_size=args.image_size,
                                 relation_fraction=args.relation_fraction,
                                 relation_needed=args.relation_needed, progress=True)
         if args.detection:
             from mdetr.data.shapes import export_detection
 
-            files.update({f"{split} detection": path
-                          for split, path in export_detection(args.output_dir, scheme=args.detection).items()})
+            files.update({f"{split} detection": path for split, path
+                          in export_detection(args.output_dir, scheme=args.detection).items()})
         if args.qa:
             from mdetr.data.shapes_qa import generate_shapes_qa
 
@@ -667,7 +678,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mdetr demo", description="Ground sentences in the bundled example "
                                      "scenes with the bundled model (or with one trained first, --train).")
     parser.add_argument("--output-dir", default="runs/demo")
-    parser.add_argument("--model", default="mdetr_lite_shapes", help="bundled model name or checkpoint folder")
+    parser.add_argument("--model", default="mdetr_lite_shapes",
+                        help="bundled model name or checkpoint folder")
     parser.add_argument("--train", type=float, default=None, metavar="MINUTES",
                         help="first generate shapes and train mdetr_lite for this many minutes")
     args = parser.parse_args(argv)
@@ -679,8 +691,8 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 def pack_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mdetr pack", description="Write a small inference checkpoint: only the weights training changed "
-        "(the pretrained backbone and text encoder are rebuilt from their packages on load).")
+        prog="mdetr pack", description="Write a small inference checkpoint: only the weights training "
+        "changed (the pretrained backbone and text encoder are rebuilt from their packages on load).")
     parser.add_argument("checkpoint", help="checkpoint folder written by mdetr train")
     parser.add_argument("output", help="folder to write")
     parser.add_argument("--weights", choices=["model", "ema"], default="model")
@@ -695,12 +707,13 @@ def pack_main(argv: list[str] | None = None) -> int:
     from mdetr.engine.checkpoint import save_pack
 
     model = load(args.checkpoint, weights=args.weights)
-    base = build_model(dataclasses.replace(model.config, backbone_pretrained=True, text_encoder_pretrained=True))
+    base = build_model(dataclasses.replace(model.config, backbone_pretrained=True,
+                                           text_encoder_pretrained=True))
     card = json.loads(Path(args.card).read_text()) if args.card else None
     summary = save_pack(args.output, model=model, base=base, config=model.train_config.to_dict(),
                         dtype=getattr(torch, args.dtype), card=card)
-    print(f"wrote {args.output}: {summary['kept']} tensors ({summary['bytes'] / 2**20:.1f} MiB, {args.dtype}); "
-          f"{summary['omitted']} taken from the pretrained parts on load")
+    print(f"wrote {args.output}: {summary['kept']} tensors ({summary['bytes'] / 2**20:.1f} MiB, "
+          f"{args.dtype}); {summary['omitted']} taken from the pretrained parts on load")
     return 0
 
 
@@ -733,8 +746,8 @@ def convert_main(argv: list[str] | None = None) -> int:
 
 def serve_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="mdetr serve", description="Serve a checkpoint over HTTP: POST /v1/ground (multipart image + text "
-        "or classes, JSON detections out), GET /health, and a demo page at /. Needs the serve extra.")
+        prog="mdetr serve", description="Serve a checkpoint over HTTP: POST /v1/ground (multipart image + "
+        "text or classes, JSON detections out), GET /health, and a demo page at /. Needs the serve extra.")
     parser.add_argument("checkpoint", help="checkpoint folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
@@ -750,7 +763,8 @@ def serve_main(argv: list[str] | None = None) -> int:
     try:
         from mdetr.serve import ServeLimits, create_app, run_server
     except ImportError as err:
-        print(f'error: mdetr serve needs the serve extra (pip install "mdetr[serve]"): {err}', file=sys.stderr)
+        print(f'error: mdetr serve needs the serve extra (pip install "mdetr[serve]"): {err}',
+              file=sys.stderr)
         return 2
     from mdetr.inference.predictor import Predictor
 

@@ -111,20 +111,30 @@ class ModelConfig:
                 f"model.smca_scale must be 'fixed', 'single' or 'independent', got {self.smca_scale!r}"
             )
         if self.smca_reference not in ("learned", "grid"):
-            raise ConfigError(f"model.smca_reference must be 'learned' or 'grid', got {self.smca_reference!r}")
+            raise ConfigError(
+                f"model.smca_reference must be 'learned' or 'grid', got {self.smca_reference!r}"
+            )
         if self.smca_beta <= 0:
             raise ConfigError(f"model.smca_beta must be positive, got {self.smca_beta}")
         if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes must be 0 (from the data) or positive, got {self.num_classes}")
+            raise ConfigError(
+                f"model.num_classes must be 0 (from the data) or positive, got {self.num_classes}"
+            )
         if self.class_names and len(self.class_names) != self.num_classes:
             raise ConfigError(f"model.class_names has {len(self.class_names)} names but model.num_classes is "
                               f"{self.num_classes}; give one name per category id 0..num_classes-1")
         if self.hidden_dim % self.nheads:
-            raise ConfigError(f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.nheads ({self.nheads})")
+            raise ConfigError(
+                f"model.hidden_dim ({self.hidden_dim}) must be divisible by model.nheads ({self.nheads})"
+            )
         if not 0 <= self.backbone_level <= 3:
-            raise ConfigError(f"model.backbone_level must be 0..3 (strides 4, 8, 16, 32), got {self.backbone_level}")
+            raise ConfigError(
+                f"model.backbone_level must be 0..3 (strides 4, 8, 16, 32), got {self.backbone_level}"
+            )
         if not -1 <= self.backbone_frozen_levels <= 4:
-            raise ConfigError(f"model.backbone_frozen_levels must be -1..4, got {self.backbone_frozen_levels}")
+            raise ConfigError(
+                f"model.backbone_frozen_levels must be -1..4, got {self.backbone_frozen_levels}"
+            )
         if self.num_queries < 1 or self.dec_layers < 1:
             raise ConfigError("model.num_queries and model.dec_layers must be at least 1")
         if self.num_token_slots < 2:
@@ -138,8 +148,10 @@ class ModelConfig:
         if self.qa_answers:
             self._validate_qa_answers()
         if not -self.dec_layers <= self.qa_decoder_layer < self.dec_layers:
-            raise ConfigError(f"model.qa_decoder_layer must index one of the {self.dec_layers} decoder layers "
-                              f"({-self.dec_layers}..{self.dec_layers - 1}), got {self.qa_decoder_layer}")
+            raise ConfigError(
+                f"model.qa_decoder_layer must index one of the {self.dec_layers} decoder layers "
+                f"({-self.dec_layers}..{self.dec_layers - 1}), got {self.qa_decoder_layer}"
+            )
         if self.qa_attributes:
             if self.qa_dataset != "clevr":
                 raise ConfigError("model.qa_attributes is the attribute vocabulary of model.qa_dataset="
@@ -185,8 +197,10 @@ class ModelConfig:
         if not self.smca_multiscale:
             return
         if self.decoder != "smca":
-            raise ConfigError("model.smca_multiscale=true needs model.decoder=smca (scale-selection attention "
-                              "is part of the SMCA decoder)")
+            raise ConfigError(
+                "model.smca_multiscale=true needs model.decoder=smca (scale-selection attention "
+                "is part of the SMCA decoder)"
+            )
         if self.enc_layers != len(blocks):
             raise ConfigError(f"model.smca_encoder={self.smca_encoder!r} has {len(blocks)} blocks but "
                               f"model.enc_layers is {self.enc_layers}; set model.enc_layers={len(blocks)}")
@@ -329,7 +343,8 @@ class TrainConfig:
     # about 1.5 kB per token for MiniLM, 3 kB for RoBERTa-base).
     cache_text_features: bool = False
     # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
-    # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for all.
+    # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for
+    # all.
     schedule: str = "linear_with_warmup"
     lr_drop: int = 35
     warmup_fraction: float = 0.01
@@ -367,7 +382,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.schedule not in ("step", "linear_with_warmup", "all_linear_with_warmup"):
             raise ConfigError(
-                f"train.schedule must be step, linear_with_warmup or all_linear_with_warmup, got {self.schedule!r}"
+                "train.schedule must be step, linear_with_warmup or all_linear_with_warmup, "
+                f"got {self.schedule!r}"
             )
         if self.epochs < 1:
             raise ConfigError("train.epochs must be at least 1")
@@ -423,7 +439,8 @@ class Config:
             raise ConfigError("train.cache_text_features=true: the detection model has no text encoder")
         if self.train.cache_text_features and not self.model.freeze_text_encoder:
             raise ConfigError("train.cache_text_features=true needs a frozen text encoder (set "
-                              "model.freeze_text_encoder=true): a trained encoder's features change every step")
+                              "model.freeze_text_encoder=true): a trained encoder's features change "
+                              "every step")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -456,7 +473,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         try:
             converted = annotation(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}") from None
+            raise ConfigError(
+                f"{where} must be {'an integer' if annotation is int else 'a number'}, got {value!r}"
+            ) from None
         if annotation is int and isinstance(value, float) and value != converted:
             raise ConfigError(f"{where} must be an integer, got {value!r}")
         return converted
@@ -474,7 +493,9 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})"
+        )
     kwargs = {}
     for key, value in data.items():
         annotation = hints[key]

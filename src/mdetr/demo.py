@@ -45,7 +45,9 @@ def run_demo(output_dir: Path, *, model: str = "mdetr_lite_shapes", train_minute
             records.append({"image": scene["image"].name, "text": text, "picture": str(picture),
                             "detections": detections})
             best = detections[0] if detections else None
-            found = f"box {[round(v) for v in best['box_xyxy']]} score {best['score']:.2f}" if best else "no box"
+            found = (
+                f"box {[round(v) for v in best['box_xyxy']]} score {best['score']:.2f}" if best else "no box"
+            )
             print(f"{scene['image'].name}: {text!r} -> {found}")
     (out / "predictions.json").write_text(json.dumps(records, indent=2))
     print(f"pictures and predictions.json: {out}")

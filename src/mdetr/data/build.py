@@ -28,7 +28,9 @@ def build_dataset(data: DataConfig, split: str, tokenizer: object, *, ann_file: 
     :class:`~mdetr.data.clevr.ClevrQuestions`.
     """
     if ann_file is None:
-        ann_file, image_root = (data.train_ann, data.train_images) if split == "train" else (data.val_ann, data.val_images)
+        ann_file, image_root = (
+            (data.train_ann, data.train_images) if split == "train" else (data.val_ann, data.val_images)
+        )
     transforms = build_transforms(data, split)
     if is_refer_file(ann_file):
         return PhraseCutDataset(ann_file, image_root, tokenizer=tokenizer, transforms=transforms, masks=False,

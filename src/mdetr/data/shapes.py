@@ -833,12 +833,15 @@ def _detection_json(scenes: list[dict], *, scheme: str, image_size: int, split: 
         for k, obj in enumerate(scene["objects"]):
             name = obj["shape"] if scheme == "shape" else f"{obj['color']} {obj['shape']}"
             if name not in ids:
-                raise ValueError(f"{source}: scene {scene['index']}, object {k}: unknown shape or colour {name!r}")
+                raise ValueError(
+                    f"{source}: scene {scene['index']}, object {k}: unknown shape or colour {name!r}"
+                )
             bbox = obj["bbox"]
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": bbox,
                                 "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0, "category_id": ids[name]})
     info = {"description": f"mdetr synthetic shapes, split {split}, detection by {scheme}", "version": "1.0"}
-    return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations,
+            "categories": categories}
 
 
 def export_detection(out_dir: str | Path, *, scheme: str = "shape",

@@ -458,7 +458,9 @@ def keep_problems(problems: Sequence[Problem], into: list[Problem], *, on_error:
     into.extend(problems)
 
 
-def open_image_or_skip(path: Path, entry: dict, problems: list[Problem], *, on_error: str) -> Image.Image | None:
+def open_image_or_skip(
+    path: Path, entry: dict, problems: list[Problem], *, on_error: str
+) -> Image.Image | None:
     """:func:`open_image` under a bad-data policy: ``"fail"`` raises its :class:`DataError`; ``"skip"``
     records the problem (in ``problems`` and for the run's end report) and returns None."""
     try:

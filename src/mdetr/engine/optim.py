@@ -31,7 +31,9 @@ def lr_factor(group_name: str, *, schedule: str, epoch: int, step: int, total_st
     "step". "all_linear_with_warmup": every group warms up and decays linearly.
     """
     step_factor = 0.1 ** (epoch // lr_drop) if lr_drop > 0 else 1.0
-    linear = schedule == "all_linear_with_warmup" or (schedule == "linear_with_warmup" and group_name == "text_encoder")
+    linear = schedule == "all_linear_with_warmup" or (
+        schedule == "linear_with_warmup" and group_name == "text_encoder"
+    )
     if not linear:
         return step_factor
     warmup = round(warmup_fraction * total_steps)
@@ -44,8 +46,8 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, 
                          total_steps: int) -> None:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_factor(
-            group.get("name", "main"), schedule=config.schedule, epoch=epoch, step=step, total_steps=total_steps,
-            lr_drop=config.lr_drop, warmup_fraction=config.warmup_fraction,
+            group.get("name", "main"), schedule=config.schedule, epoch=epoch, step=step,
+            total_steps=total_steps, lr_drop=config.lr_drop, warmup_fraction=config.warmup_fraction,
         )
 
 

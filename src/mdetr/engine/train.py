@@ -116,7 +116,9 @@ class GroundingTask:
         return build_dataset(config.data, split, model.tokenizer)
 
     def collate(self, config: Config, split: str) -> Any:
-        return partial(collate, size_divisibility=config.data.size_divisibility) if split == "train" else collate
+        return (
+            partial(collate, size_divisibility=config.data.size_divisibility) if split == "train" else collate
+        )
 
     def forward(self, model: nn.Module, batch: Batch) -> Any:
         return model(batch.images, batch.masks, batch.captions)

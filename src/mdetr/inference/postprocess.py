@@ -26,7 +26,8 @@ def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, T
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
     boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
     results = [
-        {"scores": s, "boxes": b, "token_probs": p[:, :-1]} for s, b, p in zip(scores, boxes, prob, strict=True)
+        {"scores": s, "boxes": b, "token_probs": p[:, :-1]}
+        for s, b, p in zip(scores, boxes, prob, strict=True)
     ]
     if outputs.pred_isfinal is not None:
         # CLEVR-Ref+: a box counts for the referring expression only if it is also in the final set.
@@ -141,7 +142,9 @@ class Grounding:
         records = [
             {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(score), 4), "phrase": phrase,
              "spans": [list(s) for s in spans]}
-            for box, score, phrase, spans in zip(self.boxes, self.scores, self.phrases, self.spans, strict=True)
+            for box, score, phrase, spans in zip(
+                self.boxes, self.scores, self.phrases, self.spans, strict=True
+            )
         ]
         if self.labels is not None:
             for record, label in zip(records, self.labels.tolist(), strict=True):

@@ -26,7 +26,9 @@ def draw_groundings(image: Image.Image, grounding: Grounding, *, caption: str | 
     draw = ImageDraw.Draw(canvas)
     colours: dict[str, tuple[int, int, int]] = {}
     width = max(2, round(min(image.size) / 150))
-    for box, score, phrase in zip(grounding.boxes.tolist(), grounding.scores.tolist(), grounding.phrases, strict=True):
+    for box, score, phrase in zip(
+        grounding.boxes.tolist(), grounding.scores.tolist(), grounding.phrases, strict=True
+    ):
         colour = colours.setdefault(phrase, _PALETTE[len(colours) % len(_PALETTE)])
         draw.rectangle(box, outline=colour, width=width)
         label = f"{phrase} {score:.2f}"

@@ -90,7 +90,9 @@ class SetCriterion(nn.Module):
         self.config = config
         self.num_token_slots = num_token_slots
 
-    def forward(self, outputs: MDETROutput, targets: list[dict], num_boxes: float | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: MDETROutput, targets: list[dict], num_boxes: float | None = None
+    ) -> dict[str, Tensor]:
         """Unweighted losses for the last layer (``loss_ce`` ...) and each aux layer i (``loss_ce_i`` ...).
 
         num_boxes: the normaliser; defaults to the number of target boxes in ``targets`` (at least 1).
@@ -112,10 +114,13 @@ class SetCriterion(nn.Module):
         return losses
 
     def _layer_losses(
-        self, out: MDETROutput, tgt_boxes: list[Tensor], tgt_tokens: list[Tensor], targets: list[dict], num_boxes: float
+        self, out: MDETROutput, tgt_boxes: list[Tensor], tgt_tokens: list[Tensor], targets: list[dict],
+        num_boxes: float,
     ) -> dict[str, Tensor]:
         indices = self.matcher(out.pred_logits, out.pred_boxes, tgt_boxes, tgt_tokens)
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(out.pred_logits.device)
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(
+            out.pred_logits.device
+        )
         query_idx = torch.cat([src for src, _ in indices]).to(out.pred_logits.device)
         losses = {"loss_ce": self._soft_token_loss(out, indices, batch_idx, query_idx, tgt_tokens, num_boxes)}
         losses.update(self._box_losses(out, indices, batch_idx, query_idx, tgt_boxes, num_boxes))
@@ -185,5 +190,6 @@ class SetCriterion(nn.Module):
 
 
 def build_criterion(config: LossConfig, *, num_token_slots: int) -> SetCriterion:
-    matcher = HungarianMatcher(cost_class=config.cost_class, cost_bbox=config.cost_bbox, cost_giou=config.cost_giou)
+    matcher = HungarianMatcher(cost_class=config.cost_class, cost_bbox=config.cost_bbox,
+                               cost_giou=config.cost_giou)
     return SetCriterion(matcher=matcher, config=config, num_token_slots=num_token_slots)

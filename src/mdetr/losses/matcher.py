@@ -27,7 +27,9 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     @torch.no_grad()
-    def cost_matrix(self, pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, tgt_tokens: Tensor) -> Tensor:
+    def cost_matrix(
+        self, pred_logits: Tensor, pred_boxes: Tensor, tgt_boxes: Tensor, tgt_tokens: Tensor
+    ) -> Tensor:
         """(B*Q, N) cost for B*Q flattened queries against N targets.
 
         pred_logits (B, Q, S); pred_boxes (B, Q, 4) normalised cxcywh; tgt_boxes (N, 4) normalised cxcywh;
@@ -62,5 +64,7 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty))
                 continue
             rows, cols = linear_sum_assignment(block[b].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            indices.append(
+                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+            )
         return indices

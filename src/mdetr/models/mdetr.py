@@ -74,7 +74,8 @@ class BackboneWithMask(nn.Module):
         freeze_levels_from(body, self.num_levels)
 
     def forward(self, images: Tensor, masks: Tensor) -> list[tuple[Tensor, Tensor]]:
-        return [(feat, _level_mask(masks, feat)) for feat in self.body(images, levels=self.num_levels).values()]
+        return [(feat, _level_mask(masks, feat))
+                for feat in self.body(images, levels=self.num_levels).values()]
 
     def features(self, images: Tensor) -> list[Tensor]:
         """The feature maps of the first ``num_levels`` levels, without their masks."""
@@ -178,7 +179,8 @@ class MDETR(nn.Module):
         config.validate()
         self.config = config
         d = config.hidden_dim
-        body = build_backbone_body(config.backbone, pretrained=config.backbone_pretrained, dilation=config.dilation)
+        body = build_backbone_body(config.backbone, pretrained=config.backbone_pretrained,
+                                   dilation=config.dilation)
         freeze_backbone_levels(body, config.backbone_frozen_levels)
         # The mask head also reads levels 0-2 (strides 4-16); nothing past the levels read is computed.
         used = max(config.backbone_level, 2) + 1 if config.masks else config.backbone_level + 1
@@ -322,7 +324,9 @@ class MDETR(nn.Module):
         return self.decode(self.encode(images, masks, text))
 
 
-def parameter_groups(model: nn.Module, *, lr: float, lr_backbone: float, lr_text_encoder: float) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, *, lr: float, lr_backbone: float, lr_text_encoder: float
+) -> list[dict]:
     """The three AdamW groups of the official recipe, by parameter-name substring."""
     groups: dict[str, list[nn.Parameter]] = {"main": [], "backbone": [], "text_encoder": []}
     for name, p in model.named_parameters():

@@ -11,12 +11,15 @@ from torch import Tensor, nn
 class PositionEmbeddingSine(nn.Module):
     """Sine/cosine embedding of normalised (y, x) positions of the valid pixels of a padded feature map.
 
-    ``forward(mask)`` takes the padding mask (B, H, W), True on padding, and returns (B, 2 * num_pos_feats, H, W):
-    the first half encodes y, the second x. Positions are cumulative counts of valid pixels, normalised by
-    the valid extent and scaled to [0, 2*pi], so padding does not shift the embedding of real pixels.
+    ``forward(mask)`` takes the padding mask (B, H, W), True on padding, and returns
+    (B, 2 * num_pos_feats, H, W): the first half encodes y, the second x. Positions are cumulative counts
+    of valid pixels, normalised by the valid extent and scaled to [0, 2*pi], so padding does not shift the
+    embedding of real pixels.
     """
 
-    def __init__(self, *, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True) -> None:
+    def __init__(
+        self, *, num_pos_feats: int = 128, temperature: float = 10000.0, normalize: bool = True
+    ) -> None:
         super().__init__()
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature

@@ -268,7 +268,9 @@ class SMCADecoder(nn.Module):
     embedding; its output before the sigmoid is also what the box head adds (Eq. 12).
     """
 
-    def __init__(self, layer: SMCADecoderLayer, num_layers: int, d_model: int, *, grid_queries: int = 0) -> None:
+    def __init__(
+        self, layer: SMCADecoderLayer, num_layers: int, d_model: int, *, grid_queries: int = 0
+    ) -> None:
         super().__init__()
         self.layers = _clones(layer, num_layers)
         self.norm = nn.LayerNorm(d_model)
@@ -293,7 +295,8 @@ class SMCADecoder(nn.Module):
             nn.init.zeros_(last.bias)
 
     def reference_logits(self, query_embed: Tensor) -> Tensor:
-        """(..., Q, D) query embeddings -> (..., Q, 2) reference centres (x, y) before the sigmoid (SMCA Eq. 3).
+        """(..., Q, D) query embeddings -> (..., Q, 2) reference centres (x, y) before the sigmoid
+        (SMCA Eq. 3).
 
         Queries past the grid's (a QA model's answer queries, appended after the object queries) get no
         grid offset: they start at the image centre.

