@@ -6,7 +6,9 @@ from functools import partial
 import pytest
 import torch
 
-from mdetr.config import ConfigError, LossConfig, ModelConfig
+from mdetr.builder import load, load_config_from_checkpoint
+from mdetr.config import Config, ConfigError, LossConfig, ModelConfig
+from mdetr.engine.checkpoint import save_checkpoint
 from mdetr.losses.criterion import build_criterion, total_loss, weight_dict
 from mdetr.models.mdetr import MDETR
 from mdetr.models.smca import (
@@ -275,3 +277,63 @@ def test_detr_decoder_layout_unchanged(roberta_like):
     decoder_keys = {k for k in keys if k.startswith("transformer.decoder.")}
     assert not any("spatial_prior" in k or "reference_point" in k or "norm_prior" in k for k in decoder_keys)
     assert "transformer.decoder.layers.1.cross_attn_image.out_proj.weight" in decoder_keys
+
+
+def test_prior_covers_only_the_first_modulated_queries():
+    """log G of the first m queries is the full prior's; the rest (answer queries) get log G = 0."""
+    torch.manual_seed(0)
+    layer = _layer(scale="independent", multi_head=True).eval()
+    torch.nn.init.normal_(layer.spatial_prior.head_offset.weight, std=0.3)
+    query, query_pos = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    reference, valid = torch.rand(2, 5, 2), torch.tensor([[4.0, 3.0], [3.0, 2.0]])
+    prior = partial(layer.log_prior, query, query_pos, reference=reference, valid_size=valid, grid_shape=(3, 4),
+                    num_text=2)
+    with torch.no_grad():
+        full, partly = prior(), prior(modulated=3)
+    assert partly.shape == full.shape == (2, HEADS, 5, 14)
+    assert torch.equal(partly[:, :, :3], full[:, :, :3])
+    assert (partly[:, :, 3:] == 0).all() and (full[:, :, 3:, :12] < 0).all()
+    assert torch.equal(prior(modulated=5), full) and (prior(modulated=0) == 0).all()
+
+
+@pytest.mark.parametrize("modulate_answers", [False, True])
+def test_answer_queries_attend_without_the_prior(roberta_like, modulate_answers):
+    """A QA model's answer queries predict no box: by default SMCA modulates only the object queries."""
+    torch.manual_seed(0)
+    model = MDETR(_tiny(roberta_like, qa_dataset="clevr", smca_modulate_answers=modulate_answers)).eval()
+    priors = []
+    layer = model.transformer.decoder.layers[0]
+    layer.cross_attn_image.register_forward_hook(
+        lambda module, args, kwargs, out: priors.append(kwargs["log_prior"]), with_kwargs=True)
+    images, masks = torch.randn(1, 3, 96, 96), torch.zeros(1, 96, 96, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(images, masks, ["is there a red star?"])
+    (log_prior,) = priors
+    num_queries, num_image = model.config.num_queries, 3 * 3
+    assert log_prior.shape[2] == num_queries + 4 and set(out.qa) == {
+        "answer_type", "answer_binary", "answer_attr", "answer_reg"}
+    assert (log_prior[:, :, :num_queries, :num_image] < 0).all()
+    answers = log_prior[:, :, num_queries:, :num_image]
+    assert (answers < 0).all() if modulate_answers else (answers == 0).all()
+
+
+def test_checkpoints_from_before_the_answer_prior_option_keep_their_behaviour(roberta_like, tmp_path):
+    """A QA checkpoint written before smca_modulate_answers existed was trained with modulated answer
+    queries: it loads with the option on, so it computes what it computed then; new ones keep their value."""
+    torch.manual_seed(0)
+    config = Config(model=_tiny(roberta_like, qa_dataset="clevr"))
+    model = MDETR(config.model).eval()
+    old = config.to_dict()
+    del old["model"]["smca_modulate_answers"]
+    save_checkpoint(tmp_path / "old", model=model, config=old, state={})
+    save_checkpoint(tmp_path / "new", model=model, config=config.to_dict(), state={})
+    assert load_config_from_checkpoint(tmp_path / "old").model.smca_modulate_answers is True
+    assert load_config_from_checkpoint(tmp_path / "new").model.smca_modulate_answers is False
+    images, masks = torch.randn(1, 3, 96, 96), torch.zeros(1, 96, 96, dtype=torch.bool)
+    with torch.no_grad():
+        before = MDETR(_tiny(roberta_like, qa_dataset="clevr", smca_modulate_answers=True))
+        before.load_state_dict(model.state_dict())
+        expected = before.eval()(images, masks, ["is there a red star?"]).qa["answer_binary"]
+        loaded = load(tmp_path / "old")(images, masks, ["is there a red star?"]).qa["answer_binary"]
+        unmodulated = model(images, masks, ["is there a red star?"]).qa["answer_binary"]
+    assert torch.equal(loaded, expected) and not torch.allclose(unmodulated, expected)

@@ -89,6 +89,11 @@ class ModelConfig:
     # "learned": reference centres from the query embeddings alone (SMCA Eq. 3); "grid": the same plus a
     # learned per-query offset that starts each query on a regular grid over the image.
     smca_reference: str = "learned"
+    # With a QA model: whether the answer queries attend through the spatial prior too. False: only the
+    # object queries are modulated; an answer query predicts no box to centre the prior on and must see the
+    # whole image to count or compare (BENCHMARKS.md, section 8). Checkpoints written before this option
+    # existed load with True, the behaviour they were trained with.
+    smca_modulate_answers: bool = False
     # SMCA multi-scale encoding (SMCA Section 3.3; detection model only): features at strides 16, 32, 64
     # pass the blocks of smca_encoder, written as in the paper ("2intra-multi-2intra": two intra-scale
     # blocks with weights shared across scales, one block over all scales together, two intra-scale

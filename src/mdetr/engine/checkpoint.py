@@ -247,7 +247,15 @@ def read_checkpoint_doc(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{state_file} is not an mdetr checkpoint")
     if doc.get("version", 1) >= 2 and not isinstance(doc.get("files"), dict):
         raise CheckpointError(f"{state_file} is corrupt: it records no 'files' hashes")
+    _upgrade_config(doc.get("config"))
     return doc
+
+
+def _upgrade_config(config: Any) -> None:
+    """Give options added since a checkpoint was written the value that reproduces how it was trained."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and "smca_modulate_answers" not in model:
+        model["smca_modulate_answers"] = True  # before the option, answer queries attended through the prior
 
 
 def read_tensors(file: str | Path, doc: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

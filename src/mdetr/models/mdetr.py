@@ -262,9 +262,15 @@ class MDETR(nn.Module):
     def decoder_states(self, cache: MemoryCache) -> Tensor:
         """Every decoder layer's output (L_dec, B, Q + A, D): Q object queries, then A QA queries."""
         queries = self.query_embed.weight
+        modulated = None
         if self.qa_embed is not None:
             queries = torch.cat([queries, self.qa_embed.weight], dim=0)
-        return self.transformer.decode(cache, queries)
+            if not self.config.smca_modulate_answers:
+                # The SMCA prior centres a query's attention on the box it predicts; an answer query
+                # predicts no box and may need any part of the image (count, exist, compare), so it
+                # attends without the prior (model.smca_modulate_answers).
+                modulated = self.query_embed.num_embeddings
+        return self.transformer.decode(cache, queries, modulated=modulated)
 
     def answer(self, qa_states: Tensor) -> dict[str, Tensor]:
         """Answer logits from the QA query states (B, A, D), one head per query (see ``MDETROutput.qa``)."""

@@ -184,7 +184,8 @@ class SpatialPrior(nn.Module):
         if self.scale is None:
             scales = queries.new_ones(b, q, self.num_maps, 2)
         else:
-            scales = self.scale(queries).view(b, q, self.num_maps, -1).expand(-1, -1, -1, 2)
+            scales = self.scale(queries).view(b, q, self.num_maps, self.scale.out_features // self.num_maps)
+            scales = scales.expand(-1, -1, -1, 2)
         return offsets, scales
 
 
@@ -227,29 +228,34 @@ class SMCADecoderLayer(nn.Module):
 
     def log_prior(
         self, tgt: Tensor, query_pos: Tensor, *, reference: Tensor, valid_size: Tensor,
-        grid_shape: tuple[int, int], num_text: int,
+        grid_shape: tuple[int, int], num_text: int, modulated: int | None = None,
     ) -> Tensor:
         """log G for the joint memory: (B, n, Q, H * W + num_text), zero on the text tokens.
 
         tgt, query_pos: (B, Q, D); reference: (B, Q, 2) normalised (x, y); valid_size: (B, 2) unpadded (W, H).
+        modulated: only the first this many queries get the prior (None: all); log G is zero for the rest.
         """
-        offsets, scales = self.spatial_prior(self.norm_prior(tgt + query_pos))  # (B, Q, n, 2) each
-        centres = (reference * valid_size[:, None, :]).unsqueeze(2) + offsets  # (B, Q, n, 2) in cells
-        log_g = gaussian_log_weight(centres, scales, grid_shape=grid_shape, beta=self.beta)  # (B, Q, n, HW)
-        log_g = F.pad(log_g, (0, num_text))  # text tokens are not modulated: log G = 0
+        num_queries = tgt.shape[1]
+        m = num_queries if modulated is None else modulated
+        offsets, scales = self.spatial_prior(self.norm_prior(tgt[:, :m] + query_pos[:, :m]))  # (B, m, n, 2)
+        centres = (reference[:, :m] * valid_size[:, None, :]).unsqueeze(2) + offsets  # (B, m, n, 2) in cells
+        log_g = gaussian_log_weight(centres, scales, grid_shape=grid_shape, beta=self.beta)  # (B, m, n, HW)
+        # Text tokens are not modulated (log G = 0), nor are the queries past the first m.
+        log_g = F.pad(log_g, (0, num_text, 0, 0, 0, num_queries - m))
         return log_g.transpose(1, 2)  # (B, n, Q, HW + L)
 
     def forward(
         self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor,
-        reference: Tensor, valid_size: Tensor, grid_shape: tuple[int, int],
+        reference: Tensor, valid_size: Tensor, grid_shape: tuple[int, int], modulated: int | None = None,
     ) -> Tensor:
-        """tgt (B, Q, D), memory/pos (B, HW + L, D) image tokens first, memory_padding_mask (B, HW + L)."""
+        """tgt (B, Q, D), memory/pos (B, HW + L, D) image tokens first, memory_padding_mask (B, HW + L);
+        modulated: see :meth:`log_prior`."""
         q = k = _with_pos(tgt, query_pos)
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
         num_text = memory.shape[1] - grid_shape[0] * grid_shape[1]
         log_prior = self.log_prior(
             tgt, query_pos, reference=reference, valid_size=valid_size, grid_shape=grid_shape,
-            num_text=num_text,
+            num_text=num_text, modulated=modulated,
         )
         attended = self.cross_attn_image(
             _with_pos(tgt, query_pos), _with_pos(memory, pos), memory,
@@ -312,9 +318,14 @@ class SMCADecoder(nn.Module):
 
     def forward(
         self, tgt: Tensor, memory: Tensor, *, memory_padding_mask: Tensor, pos: Tensor, query_pos: Tensor,
-        image_shape: tuple[int, int] | None,
+        image_shape: tuple[int, int] | None, modulated: int | None = None,
     ) -> Tensor:
-        """As :meth:`transformer.Decoder.forward`; image_shape: (H, W) of the image part of the memory."""
+        """As :meth:`transformer.Decoder.forward`; image_shape: (H, W) of the image part of the memory.
+
+        modulated: only the first this many queries (the object queries) attend through the spatial prior;
+        the rest (a QA model's answer queries, which predict no box to centre a prior on) attend without it.
+        None: every query is modulated.
+        """
         if image_shape is None:
             raise ValueError("the SMCA decoder needs the feature-map size: MemoryCache.image_shape is None")
         reference = self.reference_logits(query_pos).sigmoid()  # (B, Q, 2)
@@ -323,7 +334,7 @@ class SMCADecoder(nn.Module):
         for layer in self.layers:
             tgt = layer(
                 tgt, memory, memory_padding_mask=memory_padding_mask, pos=pos, query_pos=query_pos,
-                reference=reference, valid_size=valid_size, grid_shape=image_shape,
+                reference=reference, valid_size=valid_size, grid_shape=image_shape, modulated=modulated,
             )
             intermediate.append(self.norm(tgt))
         return torch.stack(intermediate)

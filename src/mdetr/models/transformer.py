@@ -308,12 +308,15 @@ class Transformer(nn.Module):
             memory, padding_mask, pos, memory[:, -length:], text.padding_mask, text.tokenized, image_shape
         )
 
-    def decode(self, cache: MemoryCache, query_embed: Tensor) -> Tensor:
-        """Object queries (Q, D) cross-attend to the joint memory; returns (L_dec, B, Q, D)."""
+    def decode(self, cache: MemoryCache, query_embed: Tensor, *, modulated: int | None = None) -> Tensor:
+        """Queries (Q, D) cross-attend to the joint memory; returns (L_dec, B, Q, D).
+
+        modulated (SMCA decoder only): the spatial prior applies to the first this many queries (None: all).
+        """
         batch = cache.memory.shape[0]
         query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        extra = {"image_shape": cache.image_shape} if self.decoder_type == "smca" else {}
+        extra = {"image_shape": cache.image_shape, "modulated": modulated} if self.decoder_type == "smca" else {}
         return self.decoder(
             tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos,
             **extra,
