@@ -286,8 +286,8 @@ def test_prior_covers_only_the_first_modulated_queries():
     torch.nn.init.normal_(layer.spatial_prior.head_offset.weight, std=0.3)
     query, query_pos = torch.randn(2, 5, D), torch.randn(2, 5, D)
     reference, valid = torch.rand(2, 5, 2), torch.tensor([[4.0, 3.0], [3.0, 2.0]])
-    prior = partial(layer.log_prior, query, query_pos, reference=reference, valid_size=valid, grid_shape=(3, 4),
-                    num_text=2)
+    prior = partial(layer.log_prior, query, query_pos, reference=reference, valid_size=valid,
+                    grid_shape=(3, 4), num_text=2)
     with torch.no_grad():
         full, partly = prior(), prior(modulated=3)
     assert partly.shape == full.shape == (2, HEADS, 5, 14)

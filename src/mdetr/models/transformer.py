@@ -316,7 +316,9 @@ class Transformer(nn.Module):
         batch = cache.memory.shape[0]
         query_pos = query_embed.unsqueeze(0).expand(batch, -1, -1)
         tgt = torch.zeros_like(query_pos)
-        extra = {"image_shape": cache.image_shape, "modulated": modulated} if self.decoder_type == "smca" else {}
+        extra = {}
+        if self.decoder_type == "smca":
+            extra = {"image_shape": cache.image_shape, "modulated": modulated}
         return self.decoder(
             tgt, cache.memory, memory_padding_mask=cache.padding_mask, pos=cache.pos, query_pos=query_pos,
             **extra,
