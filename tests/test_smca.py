@@ -337,3 +337,28 @@ def test_checkpoints_from_before_the_answer_prior_option_keep_their_behaviour(ro
         loaded = load(tmp_path / "old")(images, masks, ["is there a red star?"]).qa["answer_binary"]
         unmodulated = model(images, masks, ["is there a red star?"]).qa["answer_binary"]
     assert torch.equal(loaded, expected) and not torch.allclose(unmodulated, expected)
+
+
+@pytest.mark.parametrize("multi_head", [True, False])
+def test_free_heads_attend_without_the_prior(multi_head):
+    """With k free heads the last k heads' log G is zero and the others' is SMCA's, per head or shared."""
+    torch.manual_seed(0)
+    smca = _layer(multi_head=multi_head).eval()
+    free = _layer(multi_head=multi_head, free_heads=1).eval()
+    free.load_state_dict(smca.state_dict())
+    if multi_head:
+        torch.nn.init.normal_(smca.spatial_prior.head_offset.weight, std=0.3)
+        free.spatial_prior.head_offset.weight.data.copy_(smca.spatial_prior.head_offset.weight)
+    query, query_pos = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    args = dict(reference=torch.rand(2, 5, 2), valid_size=torch.tensor([[4.0, 3.0], [3.0, 2.0]]),
+                grid_shape=(3, 4), num_text=2)
+    with torch.no_grad():
+        expected = smca.log_prior(query, query_pos, **args).expand(-1, HEADS, -1, -1)
+        got = free.log_prior(query, query_pos, **args)
+    assert got.shape == (2, HEADS, 5, 14)
+    assert torch.equal(got[:, :-1], expected[:, :-1]) and (got[:, -1] == 0).all()
+    assert (expected[:, -1, :, :12] < 0).all()
+    with pytest.raises(ValueError, match="free_heads"):
+        _layer(free_heads=HEADS + 1)
+    with pytest.raises(ConfigError, match="smca_free_heads"):
+        ModelConfig(decoder="smca", smca_free_heads=9).validate()

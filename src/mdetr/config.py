@@ -94,6 +94,10 @@ class ModelConfig:
     # whole image to count or compare (BENCHMARKS.md, section 8). Checkpoints written before this option
     # existed load with True, the behaviour they were trained with.
     smca_modulate_answers: bool = False
+    # The number of decoder cross-attention heads that attend without the prior (the last ones; 0: SMCA).
+    # The prior keeps an object query's attention near its box; a free head lets it read the rest of the
+    # image, e.g. the object a spatial relation names ("left of the blue square"). Grounding model only.
+    smca_free_heads: int = 0
     # SMCA multi-scale encoding (SMCA Section 3.3; detection model only): features at strides 16, 32, 64
     # pass the blocks of smca_encoder, written as in the paper ("2intra-multi-2intra": two intra-scale
     # blocks with weights shared across scales, one block over all scales together, two intra-scale
@@ -121,6 +125,9 @@ class ModelConfig:
             )
         if self.smca_beta <= 0:
             raise ConfigError(f"model.smca_beta must be positive, got {self.smca_beta}")
+        if not 0 <= self.smca_free_heads <= self.nheads:
+            raise ConfigError(f"model.smca_free_heads must be in 0..model.nheads ({self.nheads}), "
+                              f"got {self.smca_free_heads}")
         if self.num_classes < 0:
             raise ConfigError(
                 f"model.num_classes must be 0 (from the data) or positive, got {self.num_classes}"
@@ -432,6 +439,9 @@ class Config:
         if self.task == "grounding" and self.model.smca_multiscale:
             raise ConfigError("model.smca_multiscale=true is available for the detection model only "
                               "(task: detection)")
+        if self.task == "detection" and self.model.smca_free_heads:
+            raise ConfigError("model.smca_free_heads is available for the grounding model only "
+                              "(task: grounding)")
         for part in (self.model, self.loss, self.data, self.train):
             part.validate()
         if not self.loss.detection_losses and not self.model.qa_dataset:

@@ -201,6 +201,7 @@ class MDETR(nn.Module):
             smca_multi_head=config.smca_multi_head,
             smca_beta=config.smca_beta,
             smca_grid_queries=config.num_queries if config.smca_reference == "grid" else 0,
+            smca_free_heads=config.smca_free_heads,
             image_position_in_values=config.image_position_in_values,
         )
         self.input_proj = nn.Conv2d(body.channels[config.backbone_level], d, kernel_size=1)

@@ -206,10 +206,17 @@ class SMCADecoderLayer(nn.Module):
         scale: str = "independent",
         multi_head: bool = True,
         beta: float = 8.0,
+        free_heads: int = 0,
     ) -> None:
         super().__init__()
         check_prior_options(scale, beta)
+        if not 0 <= free_heads <= nhead:
+            raise ValueError(f"free_heads must be in 0..{nhead} (the number of heads), got {free_heads}")
         self.beta = beta
+        self.nhead = nhead
+        # The last free_heads heads of the cross-attention attend without the prior (log G = 0), so a query
+        # can look past its box (e.g. at the object a spatial relation names); 0 is SMCA.
+        self.free_heads = free_heads
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
         self.cross_attn_image = ModulatedMultiheadAttention(d_model=d_model, nhead=nhead, dropout=dropout)
         self.norm_prior = nn.LayerNorm(d_model)
@@ -230,7 +237,8 @@ class SMCADecoderLayer(nn.Module):
         self, tgt: Tensor, query_pos: Tensor, *, reference: Tensor, valid_size: Tensor,
         grid_shape: tuple[int, int], num_text: int, modulated: int | None = None,
     ) -> Tensor:
-        """log G for the joint memory: (B, n, Q, H * W + num_text), zero on the text tokens.
+        """log G for the joint memory: (B, n, Q, H * W + num_text), zero on the text tokens (n: 1 for a
+        head-shared prior, else the number of heads; zero on the free heads).
 
         tgt, query_pos: (B, Q, D); reference: (B, Q, 2) normalised (x, y); valid_size: (B, 2) unpadded (W, H).
         modulated: only the first this many queries get the prior (None: all); log G is zero for the rest.
@@ -240,6 +248,11 @@ class SMCADecoderLayer(nn.Module):
         offsets, scales = self.spatial_prior(self.norm_prior(tgt[:, :m] + query_pos[:, :m]))  # (B, m, n, 2)
         centres = (reference[:, :m] * valid_size[:, None, :]).unsqueeze(2) + offsets  # (B, m, n, 2) in cells
         log_g = gaussian_log_weight(centres, scales, grid_shape=grid_shape, beta=self.beta)  # (B, m, n, HW)
+        if self.free_heads:
+            log_g = log_g.expand(-1, -1, self.nhead, -1)  # a head-shared prior (n = 1) becomes per head
+            modulated_heads = self.nhead - self.free_heads
+            log_g = torch.cat([log_g[:, :, :modulated_heads], log_g.new_zeros(
+                (*log_g.shape[:2], self.free_heads, log_g.shape[-1]))], dim=2)
         # Text tokens are not modulated (log G = 0), nor are the queries past the first m.
         log_g = F.pad(log_g, (0, num_text, 0, 0, 0, num_queries - m))
         return log_g.transpose(1, 2)  # (B, n, Q, HW + L)

@@ -211,6 +211,7 @@ class Transformer(nn.Module):
         smca_multi_head: bool = True,
         smca_beta: float = 8.0,
         smca_grid_queries: int = 0,
+        smca_free_heads: int = 0,
         image_position_in_values: bool = False,
     ) -> None:
         super().__init__()
@@ -228,7 +229,7 @@ class Transformer(nn.Module):
 
             smca_layer = SMCADecoderLayer(
                 d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
-                scale=smca_scale, multi_head=smca_multi_head, beta=smca_beta,
+                scale=smca_scale, multi_head=smca_multi_head, beta=smca_beta, free_heads=smca_free_heads,
             )
             self.decoder = SMCADecoder(smca_layer, num_decoder_layers, d_model,
                                        grid_queries=smca_grid_queries)
