@@ -213,7 +213,6 @@ class SMCADecoderLayer(nn.Module):
         if not 0 <= free_heads <= nhead:
             raise ValueError(f"free_heads must be in 0..{nhead} (the number of heads), got {free_heads}")
         self.beta = beta
-        self.nhead = nhead
         # The last free_heads heads of the cross-attention attend without the prior (log G = 0), so a query
         # can look past its box (e.g. at the object a spatial relation names); 0 is SMCA.
         self.free_heads = free_heads
@@ -249,8 +248,9 @@ class SMCADecoderLayer(nn.Module):
         centres = (reference[:, :m] * valid_size[:, None, :]).unsqueeze(2) + offsets  # (B, m, n, 2) in cells
         log_g = gaussian_log_weight(centres, scales, grid_shape=grid_shape, beta=self.beta)  # (B, m, n, HW)
         if self.free_heads:
-            log_g = log_g.expand(-1, -1, self.nhead, -1)  # a head-shared prior (n = 1) becomes per head
-            modulated_heads = self.nhead - self.free_heads
+            nhead = self.cross_attn_image.nhead
+            log_g = log_g.expand(-1, -1, nhead, -1)  # a head-shared prior (n = 1) becomes per head
+            modulated_heads = nhead - self.free_heads
             log_g = torch.cat([log_g[:, :, :modulated_heads], log_g.new_zeros(
                 (*log_g.shape[:2], self.free_heads, log_g.shape[-1]))], dim=2)
         # Text tokens are not modulated (log G = 0), nor are the queries past the first m.
