@@ -4,13 +4,23 @@ generator (answers re-derived by brute force) and a tiny train -> evaluate -> pr
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mdetr.builder import build
 from mdetr.config import Config, ConfigError, LossConfig, ModelConfig
-from mdetr.data.shapes import COLORS, SHAPES
-from mdetr.data.shapes_qa import FAMILIES, SHAPES_QA_ATTRIBUTES, generate_shapes_qa
+from mdetr.data.shapes import COLORS, MATERIALS, SHAPES, SIZES, ShapeObject
+from mdetr.data.shapes_qa import (
+    ATTRIBUTES,
+    COMPARISONS,
+    FAMILIES,
+    SHAPES_QA_ATTRIBUTES,
+    YES_NO_FAMILIES,
+    generate_shapes_qa,
+    make_question,
+    scene_questions,
+)
 from mdetr.engine.qa import qa_accuracy
 from mdetr.losses.criterion import total_loss
 from mdetr.losses.qa import (
@@ -236,6 +246,61 @@ def test_generator_answers_agree_with_brute_force(qa_dir, tmp_path):
     first = (qa_dir / "train_qa.json").read_bytes()
     generate_shapes_qa(qa_dir, seed=0, questions_per_scene=3, splits=("train",))
     assert (qa_dir / "train_qa.json").read_bytes() == first
+
+
+def _random_scene(rng, n):
+    pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
+    return [ShapeObject(pick(SHAPES), pick(tuple(COLORS)), pick(SIZES), pick(MATERIALS), 0.1 * i, 0.5, 0.05)
+            for i in range(n)]
+
+
+def _records(objects):
+    return [{a: o.attribute(a) for a in ATTRIBUTES} for o in objects]
+
+
+def test_a_requested_answer_is_given_or_the_scene_cannot_give_it():
+    rng = np.random.default_rng(3)
+    given = {}
+    for _ in range(40):
+        objects = _random_scene(rng, int(rng.integers(3, 9)))
+        records = _records(objects)
+        for family in YES_NO_FAMILIES:
+            templates = {"compare_number": COMPARISONS, "compare_attribute": ATTRIBUTES}.get(family, (None,))
+            for template in templates:
+                for answer in ("yes", "no"):
+                    made = make_question(objects, family, rng, answer=answer, template=template)
+                    if made is None:
+                        continue
+                    assert _brute_force(records, made[1]) == answer, made
+                    assert template in (None, made[1].get("comparison"), made[1].get("attribute"))
+                    given[family, template, answer] = given.get((family, template, answer), 0) + 1
+                if family == "compare_attribute":
+                    values = [r[template] for r in records]
+                    if len(set(values)) == len(values):  # no two objects share it: "the same ...?" is "no"
+                        assert make_question(objects, family, rng, answer="yes", template=template) is None
+    assert len(given) == 2 * (1 + len(COMPARISONS) + len(ATTRIBUTES))  # every template gave both answers
+    with pytest.raises(ValueError, match="answer must be"):
+        make_question(_random_scene(rng, 4), "exist", rng, answer="maybe")
+
+
+def test_every_yes_no_template_is_answer_balanced_over_a_split():
+    """Without balancing, "the same colour?" is mostly "no" and "the same size?" mostly "yes" (two of eight
+    colours match far less often than two of two sizes): the words alone would give the answer."""
+    rng = np.random.default_rng(0)
+    answers, tally = {}, {}
+    for _ in range(400):
+        objects = _random_scene(rng, int(rng.integers(3, 11)))
+        for _, answer, program, _ in scene_questions(objects, rng, count=2, answers=answers):
+            assert answer == _brute_force(_records(objects), program)
+            if program["family"] in YES_NO_FAMILIES:
+                key = (program["family"], program.get("comparison") or program.get("attribute") or "")
+                tally.setdefault(key, {"yes": 0, "no": 0})[answer] += 1
+    assert tally == answers
+    assert set(tally) == {("exist", "")} | {("compare_number", c) for c in COMPARISONS} | {
+        ("compare_attribute", a) for a in ATTRIBUTES}
+    for key, counts in tally.items():
+        assert abs(counts["yes"] - counts["no"]) <= 1, (key, counts)
+        assert counts["yes"] >= 5, (key, counts)
 
 
 # ------------------------------------------------------------------------------------------ end to end

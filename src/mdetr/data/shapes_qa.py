@@ -21,6 +21,14 @@ The five families of the CLEVR paper's breakdown (MDETR Table 1):
 (questions, scene graphs, JPEG images) and CLEVR v1.0 (questions with programs) layouts, so the GQA and
 CLEVR readers and tasks run end to end on the shapes scenes.
 
+Every yes / no template is answer-balanced, as CLEVR's generator balances each template's answers by
+rejection sampling: for every exist question, every comparison (more / fewer / same number) and every
+compared attribute, the generator asks for the answer that template has had less often so far in the
+split, and draws questions until one has it. Without it the words would give most answers away (two
+objects share a size or a material about half the time but a colour one time in eight, so "the same
+colour?" would mostly be "no" and "the same size?" mostly "yes"), and a model could score well without
+comparing anything.
+
 Every entry also carries ``program``: the filters (attribute -> value, canonical words) and the family's
 parameters, from which the answer follows by brute force over the scene's objects (:func:`answer_program`).
 Attribute answers come from :data:`SHAPES_QA_ATTRIBUTES` (CLEVR's answer list with the shapes set's six
@@ -65,6 +73,9 @@ _QUERY_TEMPLATES = {
 }
 _COMPARE_ATTRIBUTE_TEMPLATES = ("is {x} the same {attr} as {y}?", "does {x} have the same {attr} as {y}?",
                                 "are {x} and {y} the same {attr}?")
+YES_NO_FAMILIES: tuple[str, ...] = ("exist", "compare_number", "compare_attribute")
+"""The families answered yes or no, whose answers are balanced per template."""
+COMPARISONS: tuple[str, ...] = ("more", "fewer", "equal")
 _SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}
 
 Filter = dict[str, str]
@@ -163,33 +174,48 @@ def _fill(template: str, **phrases: str) -> tuple[str, dict[str, tuple[int, int]
     return text + rest, spans
 
 
-def make_question(objects: Sequence[ShapeObject], family: str,
-                  rng: np.random.Generator) -> tuple[str, dict[str, Any], tuple[Group, ...]] | None:
+def make_question(objects: Sequence[ShapeObject], family: str, rng: np.random.Generator, *,
+                  answer: str | None = None, template: str | None = None,
+                  tries: int = 30) -> tuple[str, dict[str, Any], tuple[Group, ...]] | None:
     """(question, program, groups) of one family for a scene, or None when the scene allows none.
 
-    ``groups`` pairs each mentioned phrase's character span with the objects it refers to.
+    ``groups`` pairs each mentioned phrase's character span with the objects it refers to. ``template`` is
+    the comparison of ``compare_number`` or the attribute of ``query_attribute`` / ``compare_attribute``
+    (drawn when None). For the yes / no families, ``answer`` ("yes" / "no") asks for a question with that
+    answer: up to ``tries`` questions of the template are drawn until one has it (None if none does).
     """
+    if answer not in (None, "yes", "no"):
+        raise ValueError(f"answer must be 'yes', 'no' or None, got {answer!r}")
     if family in ("count", "exist"):
-        filt = _random_filter(objects, rng, from_scene=family == "count" or rng.random() < 0.5)
-        members = matching(objects, filt)
-        plural = _phrase(filt, rng, plural=True)
-        template = _choice(rng, _COUNT_TEMPLATES if family == "count" else _EXIST_TEMPLATES)
-        text, spans = _fill(template, pl=plural, sg=_article(_phrase(filt, rng, plural=False)))
-        span = spans.get("pl") or spans["sg"]
-        return text, {"family": family, "filters": [filt]}, ((span, members),)
+        for _ in range(tries if family == "exist" else 1):
+            from_scene = family == "count" or (rng.random() < 0.5 if answer is None else answer == "yes")
+            filt = _random_filter(objects, rng, from_scene=from_scene)
+            members = matching(objects, filt)
+            if family == "exist" and answer is not None and bool(members) != (answer == "yes"):
+                continue
+            plural = _phrase(filt, rng, plural=True)
+            template = _choice(rng, _COUNT_TEMPLATES if family == "count" else _EXIST_TEMPLATES)
+            text, spans = _fill(template, pl=plural, sg=_article(_phrase(filt, rng, plural=False)))
+            span = spans.get("pl") or spans["sg"]
+            return text, {"family": family, "filters": [filt]}, ((span, members),)
+        return None
     if family == "compare_number":
-        first = _random_filter(objects, rng, from_scene=True)
-        second = _random_filter(objects, rng, from_scene=True)
-        if first == second:
-            return None
-        comparison = _choice(rng, ("more", "fewer", "equal"))
-        text, spans = _fill(_choice(rng, _COMPARE_NUMBER_TEMPLATES[comparison]),
-                            a=_phrase(first, rng, plural=True), b=_phrase(second, rng, plural=True))
-        program = {"family": family, "filters": [first, second], "comparison": comparison}
-        return text, program, ((spans["a"], matching(objects, first)),
-                               (spans["b"], matching(objects, second)))
+        comparison = template or _choice(rng, COMPARISONS)
+        for _ in range(tries):
+            first = _random_filter(objects, rng, from_scene=True)
+            second = _random_filter(objects, rng, from_scene=True)
+            if first == second:
+                continue
+            program = {"family": family, "filters": [first, second], "comparison": comparison}
+            if answer is not None and answer_program(objects, program) != answer:
+                continue
+            text, spans = _fill(_choice(rng, _COMPARE_NUMBER_TEMPLATES[comparison]),
+                                a=_phrase(first, rng, plural=True), b=_phrase(second, rng, plural=True))
+            return text, program, ((spans["a"], matching(objects, first)),
+                                   (spans["b"], matching(objects, second)))
+        return None
     if family == "query_attribute":
-        attribute = _choice(rng, ATTRIBUTES)
+        attribute = template or _choice(rng, ATTRIBUTES)
         for target in rng.permutation(len(objects)):
             filt = _unique_filter(objects, int(target), rng, without=attribute)
             if filt is not None:
@@ -199,14 +225,12 @@ def make_question(objects: Sequence[ShapeObject], family: str,
                 return text, program, ((spans["x"], (int(target),)),)
         return None
     if family == "compare_attribute":
-        attribute = _choice(rng, ATTRIBUTES)
+        attribute = template or _choice(rng, ATTRIBUTES)
         for first in rng.permutation(len(objects)):
             first = int(first)
-            others = [i for i in range(len(objects)) if i != first]
             value = objects[first].attribute(attribute)
-            same = [i for i in others if objects[i].attribute(attribute) == value]
-            # Half the questions pick a partner sharing the attribute, so "yes" is as common as "no".
-            pool = same if same and rng.random() < 0.5 else others
+            pool = [i for i in range(len(objects)) if i != first
+                    and (answer is None or (objects[i].attribute(attribute) == value) == (answer == "yes"))]
             for second in rng.permutation(pool):
                 second = int(second)
                 x = _unique_filter(objects, first, rng, without=attribute)
@@ -223,20 +247,40 @@ def make_question(objects: Sequence[ShapeObject], family: str,
     raise ValueError(f"unknown question family {family!r}; known: {', '.join(FAMILIES)}")
 
 
-def scene_questions(objects: Sequence[ShapeObject], rng: np.random.Generator, *,
-                    count: int) -> list[tuple[str, str, dict[str, Any], tuple[Group, ...]]]:
-    """Up to ``count`` distinct (question, answer, program, groups) for a scene, families drawn evenly."""
+def scene_questions(objects: Sequence[ShapeObject], rng: np.random.Generator, *, count: int,
+                    answers: dict[tuple[str, str], dict[str, int]] | None = None,
+                    ) -> list[tuple[str, str, dict[str, Any], tuple[Group, ...]]]:
+    """Up to ``count`` distinct (question, answer, program, groups) for a scene, families drawn evenly.
+
+    ``answers`` counts the yes / no answers given so far per template, ``(family, comparison or
+    attribute)`` (``(family, "")`` for exist), across the scenes of a split; each yes / no question asks
+    for the answer its template has had less often (even odds on a tie), and the count is updated. Alone,
+    a scene draws each answer at even odds.
+    """
+    answers = {} if answers is None else answers
     found: list[tuple[str, str, dict[str, Any], tuple[Group, ...]]] = []
     seen: set[str] = set()
     for _ in range(8 * count):
         if len(found) == count:
             break
-        made = make_question(objects, _choice(rng, FAMILIES), rng)
+        family = _choice(rng, FAMILIES)
+        template = {"compare_number": COMPARISONS, "query_attribute": ATTRIBUTES,
+                    "compare_attribute": ATTRIBUTES}.get(family)
+        template = _choice(rng, template) if template else None
+        wanted = None
+        if family in YES_NO_FAMILIES:
+            tally = answers.setdefault((family, template or ""), {"yes": 0, "no": 0})
+            wanted = (_choice(rng, ("yes", "no")) if tally["yes"] == tally["no"]
+                      else min(tally, key=tally.__getitem__))
+        made = make_question(objects, family, rng, answer=wanted, template=template)
         if made is None or made[0] in seen:
             continue
         text, program, groups = made
         seen.add(text)
-        found.append((text, answer_program(objects, program), program, groups))
+        answer = answer_program(objects, program)
+        if wanted is not None:
+            answers[family, template or ""][answer] += 1
+        found.append((text, answer, program, groups))
     return found
 
 
@@ -249,10 +293,12 @@ def _qa_json(split: str, scenes: list[dict[str, Any]], *, seed: int, image_size:
              questions_per_scene: int, progress: bool) -> dict[str, Any]:
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
+    answers: dict[tuple[str, str], dict[str, int]] = {}  # yes / no per template, balanced over the split
     for scene in tqdm(scenes, desc=f"shapes qa {split}", disable=not progress):
         objects = objects_from_scene(scene)
         rng = _scene_rng(seed, split, int(scene["index"]))
-        for text, answer, program, groups in scene_questions(objects, rng, count=questions_per_scene):
+        for text, answer, program, groups in scene_questions(objects, rng, count=questions_per_scene,
+                                                             answers=answers):
             image_id = len(images) + 1
             images.append({
                 "id": image_id, "file_name": scene["file_name"], "height": image_size, "width": image_size,
