@@ -28,6 +28,8 @@ def add_shapes_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads per training process")
     parser.add_argument("--processes", type=int, default=1,
                         help="data-parallel training processes (torchrun, gloo); each takes data.batch_size")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output from its last checkpoint (same command otherwise)")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value overrides")
 
 
@@ -67,16 +69,19 @@ def load_split(checkpoint: Path, data_dir: Path, ann_name: str) -> tuple:
     return model, dataset
 
 
-def train_budgeted(preset: Path, overrides: list[str], *, processes: int = 1) -> float:
-    """Train ``preset`` with ``overrides``; returns the wall time in minutes. With ``processes`` > 1,
-    ``torchrun`` starts that many data-parallel processes running the CLI (mdetr.engine.distributed)."""
+def train_budgeted(preset: Path, overrides: list[str], *, processes: int = 1,
+                   resume: Path | None = None) -> float:
+    """Train ``preset`` with ``overrides`` (continuing from the ``resume`` checkpoint folder, a run's
+    ``last/``, when given); returns the wall time in minutes. With ``processes`` > 1, ``torchrun`` starts
+    that many data-parallel processes running the CLI (mdetr.engine.distributed)."""
     started = time.monotonic()
     if processes > 1:
+        resume_args = ["--resume", str(resume)] if resume is not None else []
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc-per-node={processes}", "-m", "mdetr.cli", "train", "--config", str(preset),
-                        "--no-progress", *overrides], check=True)
+                        "--no-progress", *resume_args, *overrides], check=True)
     else:
-        train(load_config(preset, overrides))
+        train(load_config(preset, overrides), resume=resume)
     return (time.monotonic() - started) / 60
 
 

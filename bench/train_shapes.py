@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
         *args.overrides,
     ]
     preset = ROOT / "configs" / "mdetr_lite_shapes.yaml"
-    wall = train_budgeted(preset, overrides, processes=args.processes)
+    resume = out / "train" / "last" if args.resume else None
+    wall = train_budgeted(preset, overrides, processes=args.processes, resume=resume)
     steps, curve = learning_curve(out / "train", "P@1")
     best = out / "train" / "best"
     report = {

@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides += [f"train.init_weights={init}", "train.init_allow_new_heads=true"]
     overrides += args.overrides
     preset = ROOT / "configs" / "mdetr_lite_shapes_qa.yaml"
-    wall = train_budgeted(preset, overrides, processes=args.processes)
+    resume = out / "train" / "last" if args.resume else None
+    wall = train_budgeted(preset, overrides, processes=args.processes, resume=resume)
     steps, curve = learning_curve(out / "train", "accuracy")
     best = out / "train" / "best"
     report = {
