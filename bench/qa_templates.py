@@ -39,8 +39,8 @@ def template_of(program: dict) -> str:
 
 
 def template_table(entries: list[dict], predicted: dict[int, str]) -> list[dict]:
-    """One row per (template, true answer) with the questions, the correct ones and, on the first row of a
-    yes / no template, that template's words-only accuracy (its majority answer's share)."""
+    """One row per (template, true answer) with the questions, the correct ones, the template's totals and,
+    for a yes / no template, its words-only accuracy (its majority answer's share; None otherwise)."""
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     correct: dict[tuple[str, str], int] = collections.Counter()
     for entry in entries:

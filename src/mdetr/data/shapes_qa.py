@@ -194,8 +194,8 @@ def make_question(objects: Sequence[ShapeObject], family: str, rng: np.random.Ge
             if family == "exist" and answer is not None and bool(members) != (answer == "yes"):
                 continue
             plural = _phrase(filt, rng, plural=True)
-            template = _choice(rng, _COUNT_TEMPLATES if family == "count" else _EXIST_TEMPLATES)
-            text, spans = _fill(template, pl=plural, sg=_article(_phrase(filt, rng, plural=False)))
+            words = _choice(rng, _COUNT_TEMPLATES if family == "count" else _EXIST_TEMPLATES)
+            text, spans = _fill(words, pl=plural, sg=_article(_phrase(filt, rng, plural=False)))
             span = spans.get("pl") or spans["sg"]
             return text, {"family": family, "filters": [filt]}, ((span, members),)
         return None
@@ -264,9 +264,9 @@ def scene_questions(objects: Sequence[ShapeObject], rng: np.random.Generator, *,
         if len(found) == count:
             break
         family = _choice(rng, FAMILIES)
-        template = {"compare_number": COMPARISONS, "query_attribute": ATTRIBUTES,
-                    "compare_attribute": ATTRIBUTES}.get(family)
-        template = _choice(rng, template) if template else None
+        options = {"compare_number": COMPARISONS, "query_attribute": ATTRIBUTES,
+                   "compare_attribute": ATTRIBUTES}.get(family)
+        template = _choice(rng, options) if options else None
         wanted = None
         if family in YES_NO_FAMILIES:
             tally = answers.setdefault((family, template or ""), {"yes": 0, "no": 0})
