@@ -497,8 +497,8 @@ def data_main(argv: list[str] | None = None) -> int:
                              "categories are the shapes or the (colour, shape) pairs")
     shapes.add_argument("--qa", action="store_true",
                         help="also write CLEVR-style question-answer files {split}_qa.json (exist, count, "
-                             "compare number, query attribute, compare attribute; for "
-                             "configs/mdetr_lite_shapes_qa.yaml)")
+                             "compare number, query attribute, compare attribute; yes / no answers "
+                             "balanced per template; for configs/mdetr_lite_shapes_qa.yaml)")
     shapes.add_argument("--questions-per-scene", type=int, default=4, help="questions per scene with --qa")
     shapes.add_argument("--qa-formats", action="store_true",
                         help="with --qa, also write the questions in the original GQA layout (gqa/: "
