@@ -76,6 +76,9 @@ _COMPARE_ATTRIBUTE_TEMPLATES = ("is {x} the same {attr} as {y}?", "does {x} have
 YES_NO_FAMILIES: tuple[str, ...] = ("exist", "compare_number", "compare_attribute")
 """The families answered yes or no, whose answers are balanced per template."""
 COMPARISONS: tuple[str, ...] = ("more", "fewer", "equal")
+_TEMPLATE_PARAMETERS = {"compare_number": COMPARISONS, "query_attribute": ATTRIBUTES,
+                        "compare_attribute": ATTRIBUTES}
+"""The families with a template parameter (comparison or attribute), and its values."""
 _SPLIT_CODES = {split: code for code, split in enumerate(SPLITS)}
 
 Filter = dict[str, str]
@@ -200,7 +203,7 @@ def make_question(objects: Sequence[ShapeObject], family: str, rng: np.random.Ge
             return text, {"family": family, "filters": [filt]}, ((span, members),)
         return None
     if family == "compare_number":
-        comparison = template or _choice(rng, COMPARISONS)
+        comparison = template or _choice(rng, _TEMPLATE_PARAMETERS[family])
         for _ in range(tries):
             first = _random_filter(objects, rng, from_scene=True)
             second = _random_filter(objects, rng, from_scene=True)
@@ -215,7 +218,7 @@ def make_question(objects: Sequence[ShapeObject], family: str, rng: np.random.Ge
                                    (spans["b"], matching(objects, second)))
         return None
     if family == "query_attribute":
-        attribute = template or _choice(rng, ATTRIBUTES)
+        attribute = template or _choice(rng, _TEMPLATE_PARAMETERS[family])
         for target in rng.permutation(len(objects)):
             filt = _unique_filter(objects, int(target), rng, without=attribute)
             if filt is not None:
@@ -225,7 +228,7 @@ def make_question(objects: Sequence[ShapeObject], family: str, rng: np.random.Ge
                 return text, program, ((spans["x"], (int(target),)),)
         return None
     if family == "compare_attribute":
-        attribute = template or _choice(rng, ATTRIBUTES)
+        attribute = template or _choice(rng, _TEMPLATE_PARAMETERS[family])
         for first in rng.permutation(len(objects)):
             first = int(first)
             value = objects[first].attribute(attribute)
@@ -264,9 +267,7 @@ def scene_questions(objects: Sequence[ShapeObject], rng: np.random.Generator, *,
         if len(found) == count:
             break
         family = _choice(rng, FAMILIES)
-        options = {"compare_number": COMPARISONS, "query_attribute": ATTRIBUTES,
-                   "compare_attribute": ATTRIBUTES}.get(family)
-        template = _choice(rng, options) if options else None
+        template = _choice(rng, _TEMPLATE_PARAMETERS[family]) if family in _TEMPLATE_PARAMETERS else None
         wanted = None
         if family in YES_NO_FAMILIES:
             tally = answers.setdefault((family, template or ""), {"yes": 0, "no": 0})
