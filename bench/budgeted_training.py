@@ -43,21 +43,22 @@ def ensure_shapes(out: Path, args: argparse.Namespace) -> Path:
     return data_dir
 
 
-def training_split(data_dir: Path, relation_fraction: float, relation_needed: bool = False) -> Path:
+def training_split(data_dir: Path, relation_fraction: float, relation_needed: bool = False,
+                   annotate_anchors: bool = False) -> Path:
     """The folder whose ``train.json`` and ``images/train`` to train on: ``data_dir`` itself, or, for another
-    ``relation_fraction`` or with ``relation_needed``, the same training scenes (same seed and count, so the
-    same images) with texts generated so, in a sibling folder (generated unless it is there). The val splits
-    always come from ``data_dir``, so results stay comparable."""
-    if relation_fraction == RELATION_FRACTION and not relation_needed:
+    ``relation_fraction``, with ``relation_needed`` or with ``annotate_anchors``, the same training scenes
+    (same seed and count, so the same images) with texts generated so, in a sibling folder (generated unless
+    it is there). The val splits always come from ``data_dir``, so results stay comparable."""
+    if relation_fraction == RELATION_FRACTION and not relation_needed and not annotate_anchors:
         return data_dir
     meta = json.loads((data_dir / "meta.json").read_text())
-    suffix = "_needed" if relation_needed else ""
+    suffix = ("_needed" if relation_needed else "") + ("_anchors" if annotate_anchors else "")
     folder = data_dir.with_name(f"{data_dir.name}_train_relations{relation_fraction:g}{suffix}")
     if not (folder / "train_scenes.json").exists():
         generate_shapes(folder, seed=meta["seed"], num_train=meta["num_scenes"]["train"], num_val=0,
                         num_val_unseen=0, image_size=meta["image_size"], min_objects=meta["min_objects"],
                         max_objects=meta["max_objects"], relation_fraction=relation_fraction,
-                        relation_needed=relation_needed, progress=True)
+                        relation_needed=relation_needed, annotate_anchors=annotate_anchors, progress=True)
     return folder
 
 

@@ -55,14 +55,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--relation-needed", action="store_true",
                         help="train on texts generated with mdetr data shapes --relation-needed (relations "
                              "that the target's description alone does not make redundant); val unchanged")
+    parser.add_argument("--annotate-anchors", action="store_true",
+                        help="train on texts generated with mdetr data shapes --annotate-anchors (the anchor "
+                             "of every relation boxed too, every box marked is-final or not) with the "
+                             "is-final head (model.predict_final=true), ranking boxes by the referring score")
     add_shapes_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     out = Path(args.output)
     data_dir = ensure_shapes(out, args)
-    train_dir = training_split(data_dir, args.relation_fraction, args.relation_needed)
+    train_dir = training_split(data_dir, args.relation_fraction, args.relation_needed, args.annotate_anchors)
     overrides = [
+        *(["model.predict_final=true"] if args.annotate_anchors else []),
         f"data.train_ann={train_dir / 'train.json'}", f"data.train_images={train_dir / 'images'}",
         f"data.val_ann={data_dir / 'val.json'}", f"data.val_images={data_dir / 'images'}",
         f"train.output_dir={out / 'train'}", f"train.max_minutes={args.minutes}",

@@ -177,6 +177,10 @@ def test_clevr_ref_precision_ranks_by_the_referring_score():
     assert refexp["clevrref"] == refexp["overall"]  # the official evaluator's name
     assert (refexp["num_evaluated"], refexp["num_skipped"]) == (2, 1)
     assert 0.0 <= summary["box_ap"]["AP50"] <= 1.0
+    # data.refexp_datasets limits precision@k to the entries of the named datasets
+    ground_truth["images"][0]["dataset_name"] = "relations"
+    only = score_clevr_ref(ground_truth, predictions, dataset_names=["relations"])["refexp"]
+    assert only["overall"] == {"P@1": 1.0, "P@5": 1.0, "P@10": 1.0} and only["num_evaluated"] == 1
 
 
 # ------------------------------------------------------------------------------------------ real formats

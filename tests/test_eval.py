@@ -98,6 +98,22 @@ def test_refexp_dataset_names_filter() -> None:
     assert "refcoco" not in summary
 
 
+def test_refexp_ranks_by_the_referring_score_when_given() -> None:
+    # A model with the is-final head: by "scores" the wrong box leads in every entry; by "scores_refexp"
+    # (the referring score) the right box leads in entries 1 and 3. Without it entry 1 keeps "scores".
+    predictions = {
+        i: {"boxes": torch.tensor([RIGHT, WRONG]), "scores": torch.tensor([0.4, 0.9])} for i in (1, 2, 3)
+    }
+    predictions[2]["scores_refexp"] = torch.tensor([0.1, 0.3])
+    predictions[3]["scores_refexp"] = torch.tensor([0.3, 0.1])
+    evaluator = RefExpEvaluator(_refexp_gt(), ks=(1, 2))
+    evaluator.update(predictions)
+    assert evaluator.summarize()["overall"] == pytest.approx({"P@1": 1 / 3, "P@2": 1.0})
+    predictions[1]["scores_refexp"] = torch.tensor([0.8, 0.2])
+    evaluator.update(predictions)
+    assert evaluator.summarize()["overall"] == pytest.approx({"P@1": 2 / 3, "P@2": 1.0})
+
+
 def test_giou_and_iou_criteria_differ_on_hand_computed_pair() -> None:
     # GT 6x6 at the origin, prediction 6x6 shifted by (1, 1):
     #   intersection [1, 1, 6, 6] = 25, union 36 + 36 - 25 = 47, IoU = 25/47 ~ 0.532 (>= 0.5);

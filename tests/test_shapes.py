@@ -428,6 +428,42 @@ def test_relation_needed_describes_targets_by_shared_words(tmp_path: Path) -> No
     assert min(candidates["needed"]) >= 2 and len(candidates["needed"]) >= 10
 
 
+def test_annotated_anchors_box_the_object_the_anchor_phrase_names(tmp_path: Path) -> None:
+    counts = {"num_train": 30, "num_val": 0, "num_val_unseen": 0}
+    generate_shapes(tmp_path / "plain", seed=3, image_size=IMAGE_SIZE, relation_fraction=0.5, **counts)
+    generate_shapes(tmp_path / "anchors", seed=3, image_size=IMAGE_SIZE, relation_fraction=0.5,
+                    annotate_anchors=True, **counts)
+    plain, plain_scenes, plain_anns = load(tmp_path / "plain", "train")
+    data, scenes, anns = load(tmp_path / "anchors", "train")
+    assert json.loads((tmp_path / "anchors" / "meta.json").read_text())["annotate_anchors"] is True
+    assert scenes == plain_scenes and data["images"] == plain["images"]  # same scenes and texts
+    assert all("isfinal" not in a for a in plain["annotations"])
+    objects = {scene["file_name"]: scene["objects"] for scene in scenes}
+    anchored = 0
+    for image in data["images"]:
+        boxes = anns[image["id"]]
+        referred = [a for a in boxes if a["isfinal"] == 1]
+        strip = [{k: v for k, v in a.items() if k not in ("id", "isfinal")} for a in referred]
+        assert strip == [{k: v for k, v in a.items() if k != "id"} for a in plain_anns[image["id"]]]
+        anchors = [a for a in boxes if a["isfinal"] == 0]
+        assert len(boxes) == len(referred) + len(anchors)
+        relation = RELATION_RE.search(image["caption"])
+        if image["dataset_name"] != "shapes_refexp" or relation is None:
+            assert not anchors, image["caption"]
+            continue
+        (anchor,), (target,) = anchors, referred
+        (begin, end), = anchor["tokens_positive"]
+        assert end == len(image["caption"]) and begin > relation.end()
+        # The anchor phrase fits exactly one object of the scene, and it is the boxed one, in the relation.
+        scene = objects[image["file_name"]]
+        named = [o for o in scene if matches(o, parse_phrase(image["caption"][begin:end]))]
+        assert len(named) == 1 and named[0]["bbox"] == anchor["bbox"]
+        target_object = next(o for o in scene if o["bbox"] == target["bbox"])
+        assert strictly(relation.group(1), target_object, named[0])
+        anchored += 1
+    assert anchored >= 10
+
+
 def test_invalid_arguments_raise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_objects"):
         generate_shapes(tmp_path, num_train=1, num_val=0, num_val_unseen=0, min_objects=5, max_objects=3)

@@ -492,6 +492,10 @@ def data_main(argv: list[str] | None = None) -> int:
     shapes.add_argument("--relation-needed", action="store_true",
                         help="describe the target of a relation, where the scene allows, by words that other "
                              "objects match too, so that only the relation tells it apart")
+    shapes.add_argument("--annotate-anchors", action="store_true",
+                        help="also give the anchor of every relation a box (span: the anchor phrase) and "
+                             "mark every box isfinal 1 (referred) or 0 (anchor), the CLEVR-Ref+ layout, for "
+                             "model.predict_final=true")
     shapes.add_argument("--detection", choices=["shape", "shape_color"],
                         help="also write COCO detection files {split}_detection_{scheme}.json whose "
                              "categories are the shapes or the (colour, shape) pairs")
@@ -520,7 +524,8 @@ def data_main(argv: list[str] | None = None) -> int:
                                 num_val=args.num_val, num_val_unseen=args.num_val_unseen,
                                 image_size=args.image_size,
                                 relation_fraction=args.relation_fraction,
-                                relation_needed=args.relation_needed, progress=True)
+                                relation_needed=args.relation_needed,
+                                annotate_anchors=args.annotate_anchors, progress=True)
         if args.detection:
             from mdetr.data.shapes import export_detection
 

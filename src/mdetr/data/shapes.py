@@ -30,7 +30,9 @@ Texts, each its own image entry sharing the scene's PNG:
 
 Spans (``tokens_positive``) cover the whole noun phrase of the referred object including its determiner
 or count word ("the small red circle", "two yellow stars"), never the anchor phrase of a relation. Phrase
-word order follows CLEVR: size, colour, material, shape.
+word order follows CLEVR: size, colour, material, shape. With ``annotate_anchors`` the anchor of every
+relation gets its own box too, its span the anchor phrase, and every box an ``isfinal`` mark (1 referred, 0
+anchor) as in CLEVR-Ref+, for a model with the is-final head.
 
 Every annotation also has the object's outline as a COCO polygon ``segmentation`` (its vertices; a circle
 as a regular 32-gon), so the segmentation model (PhraseCut recipe) trains on the same files.
@@ -388,10 +390,15 @@ def _metal_shading(
 
 @dataclass(frozen=True)
 class GroundedText:
-    """A text with the objects it refers to: ``groups[k] = (span, object indices)``, span [beg, end)."""
+    """A text with the objects it refers to: ``groups[k] = (span, object indices)``, span [beg, end).
+
+    ``anchors`` lists, in the same form, the objects the text mentions without referring to them: the
+    anchor of a spatial relation ("the blue square" in "the red circle left of the blue square").
+    """
 
     text: str
     groups: tuple[tuple[tuple[int, int], tuple[int, ...]], ...]
+    anchors: tuple[tuple[tuple[int, int], tuple[int, ...]], ...] = ()
 
 
 class _SceneIndex:
@@ -538,7 +545,9 @@ def _relational_description(
                 text = template.format(
                     np=noun_phrase, rel=_choice(rng, _RELATION_WORDS[relation]), anchor=anchor_phrase
                 )
-                return GroundedText(text, (((begin, begin + len(noun_phrase)), (target,)),))
+                anchor_begin = len(text) - len(anchor_phrase)  # every relation template ends with it
+                return GroundedText(text, (((begin, begin + len(noun_phrase)), (target,)),),
+                                    anchors=(((anchor_begin, len(text)), (anchor,)),))
     return None
 
 
@@ -654,11 +663,14 @@ def _object_record(obj: ShapeObject) -> dict[str, object]:
 
 
 class _SplitWriter:
-    """Accumulates one split's COCO-style entries; ids count from 1 in scene order."""
+    """Accumulates one split's COCO-style entries; ids count from 1 in scene order. With
+    ``annotate_anchors`` the anchors of relations get boxes too, and every box an ``isfinal`` mark (1 for the
+    referred objects, 0 for anchors), as in CLEVR-Ref+."""
 
-    def __init__(self, split: str, image_size: int) -> None:
+    def __init__(self, split: str, image_size: int, *, annotate_anchors: bool = False) -> None:
         self.split = split
         self.image_size = image_size
+        self.annotate_anchors = annotate_anchors
         self.images: list[dict[str, object]] = []
         self.annotations: list[dict[str, object]] = []
         self.scenes: list[dict[str, object]] = []
@@ -691,7 +703,10 @@ class _SplitWriter:
                     "tokens_positive_eval": [[list(span)] for span, _ in grounded.groups],
                 }
             )
-            for span, members in grounded.groups:
+            mentions = [(group, True) for group in grounded.groups]
+            if self.annotate_anchors:
+                mentions += [(group, False) for group in grounded.anchors]
+            for (span, members), referred in mentions:
                 for member in members:
                     obj = scene.objects[member]
                     bbox = obj.bbox_xywh
@@ -706,6 +721,7 @@ class _SplitWriter:
                             "tokens_positive": [list(span)],
                             **_object_record(obj),
                             "segmentation": obj.segmentation,
+                            **({"isfinal": int(referred)} if self.annotate_anchors else {}),
                         }
                     )
 
@@ -739,6 +755,7 @@ def generate_shapes(
     max_objects: int = 10,
     relation_fraction: float = RELATION_FRACTION,
     relation_needed: bool = False,
+    annotate_anchors: bool = False,
     progress: bool = False,
 ) -> dict[str, Path]:
     """Write the shapes dataset under ``out_dir`` and return ``{split: path of split.json}``.
@@ -748,7 +765,10 @@ def generate_shapes(
     alone identify is still referred to through a spatial relation (objects that attributes cannot
     identify always are). ``relation_needed``: describe the target of a relation only by words that other
     objects match too, so that the relation is needed to tell it apart. Both change only
-    the texts: the scenes and images do not depend on them.
+    the texts: the scenes and images do not depend on them. ``annotate_anchors``: the same texts, with a box
+    for the anchor of every relation (its span the anchor phrase) and an ``isfinal`` mark on every box, 1 for
+    the referred objects and 0 for anchors, the CLEVR-Ref+ layout (for a model with the is-final head,
+    ``model.predict_final``).
     """
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"Need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}.")
@@ -764,7 +784,7 @@ def generate_shapes(
     for split, count in counts.items():
         image_dir = out_dir / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
-        writer = _SplitWriter(split, image_size)
+        writer = _SplitWriter(split, image_size, annotate_anchors=annotate_anchors)
         for index in tqdm(range(count), desc=f"shapes {split}", disable=not progress):
             scene = _make_scene(
                 seed=seed,
@@ -797,6 +817,7 @@ def generate_shapes(
         "relation_margin_px": relation_margin(image_size),
         "relation_fraction": relation_fraction,
         "relation_needed": relation_needed,
+        "annotate_anchors": annotate_anchors,
         "held_out_pairs": [list(pair) for pair in HELD_OUT_PAIRS],
         "tokens_positive": "the referred noun phrase including its determiner or count word",
     }

@@ -45,12 +45,12 @@ def final_box_ground_truth(ground_truth: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def score_clevr_ref(ground_truth: Mapping[str, Any], predictions: Mapping[int, Mapping[str, Any]], *,
-                    overlap: str = "giou") -> dict[str, Any]:
-    """``{"refexp": precision@k by the referring score, "box_ap": class-agnostic AP}``."""
+                    overlap: str = "giou", dataset_names: Iterable[str] | None = None) -> dict[str, Any]:
+    """``{"refexp": precision@k by the referring score, "box_ap": class-agnostic AP}``; ``dataset_names``
+    limits precision@k to the entries of those datasets (``data.refexp_datasets``), None scores them all."""
     precision = RefExpEvaluator(final_box_ground_truth(ground_truth), overlap=overlap, skip_invalid=True,
-                                allow_missing=True)
-    precision.update({i: {"scores": p.get("scores_refexp", p["scores"]), "boxes": p["boxes"]}
-                      for i, p in predictions.items()})
+                                allow_missing=True, dataset_names=dataset_names)
+    precision.update(predictions)  # ranked by scores_refexp where the model has the is-final head
     box_ap = CocoBoxEvaluator(ground_truth)
     box_ap.update({i: {"scores": p["scores"], "boxes": p["boxes"]} for i, p in predictions.items()})
     return {"refexp": precision.summarize(), "box_ap": box_ap.summarize()}
@@ -63,11 +63,12 @@ class ClevrRefTask(GroundingTask):
 
     def evaluate(self, config: Config, model: nn.Module, loader: Iterable[Batch],
                  dataset: ModulatedDetection, *, device: torch.device) -> dict[str, Any]:
-        return score_clevr_ref(dataset.ground_truth, predict_dataset(model, loader, device=device))
+        return self.score(config, dataset, predict_dataset(model, loader, device=device))
 
     def score(self, config: Config, dataset: ModulatedDetection,
               predictions: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        return score_clevr_ref(dataset.ground_truth, predictions)
+        return score_clevr_ref(dataset.ground_truth, predictions,
+                               dataset_names=config.data.refexp_datasets or None)
 
     def headline(self, summaries: dict[str, Any]) -> tuple[str, float]:
         return "P@1", float(summaries["refexp"]["overall"]["P@1"])

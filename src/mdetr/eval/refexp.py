@@ -126,14 +126,18 @@ class RefExpEvaluator:
 
         Args:
             results: entry id -> ``{"scores": FloatTensor (Q,), "boxes": FloatTensor (Q, 4) xyxy in
-                original-image pixels}``; any other keys (e.g. ``labels``) are ignored. Q may be 0 (no hit).
-                Predicting the same entry again replaces the earlier result.
+                original-image pixels}``; any other keys (e.g. ``labels``) are ignored, except
+                ``scores_refexp`` (Q,): a model with the is-final head (CLEVR-Ref+) scores how likely each
+                box is the referred one apart from how likely it is an object, and boxes are then ranked by
+                it. Q may be 0 (no hit). Predicting the same entry again replaces the earlier result.
 
         Raises:
             ValueError: an id absent from the ground truth, malformed tensors, or degenerate boxes with GIoU.
         """
         for raw_id, prediction in results.items():
             image_id = _check_image_id(raw_id, self._known_ids)
+            if "scores_refexp" in prediction:
+                prediction = {"scores": prediction["scores_refexp"], "boxes": prediction["boxes"]}
             scores, boxes = _check_boxes_and_scores(image_id, prediction)
             entry = self._entries.get(image_id)
             if entry is None:  # filtered out by dataset_names or skipped as invalid
