@@ -127,9 +127,10 @@ class RefExpEvaluator:
         Args:
             results: entry id -> ``{"scores": FloatTensor (Q,), "boxes": FloatTensor (Q, 4) xyxy in
                 original-image pixels}``; any other keys (e.g. ``labels``) are ignored, except
-                ``scores_refexp`` (Q,): a model with the is-final head (CLEVR-Ref+) scores how likely each
-                box is the referred one apart from how likely it is an object, and boxes are then ranked by
-                it. Q may be 0 (no hit). Predicting the same entry again replaces the earlier result.
+                ``scores_refexp`` (Q,): a model with the is-final head (CLEVR-Ref+) gives each box a
+                referring score (its object score times the probability that it is the referred object
+                rather than one only mentioned), and boxes are then ranked by it. Q may be 0 (no hit).
+                Predicting the same entry again replaces the earlier result.
 
         Raises:
             ValueError: an id absent from the ground truth, malformed tensors, or degenerate boxes with GIoU.
