@@ -248,6 +248,38 @@ def test_generator_answers_agree_with_brute_force(qa_dir, tmp_path):
     assert (qa_dir / "train_qa.json").read_bytes() == first
 
 
+def test_more_questions_for_the_scenes_already_written(qa_dir, tmp_path, capsys):
+    """``mdetr data shapes-qa`` rewrites the chosen splits' questions from the scene files, leaving the
+    scenes, images and the other splits' questions as they were."""
+    import shutil
+
+    from mdetr.cli import main
+
+    data = tmp_path / "shapes"
+    shutil.copytree(qa_dir, data)
+    kept = {name: (data / name).read_bytes() for name in ("val_qa.json", "val_unseen_qa.json", "train.json",
+                                                          "train_scenes.json")}
+    assert main(["data", "shapes-qa", str(data), "--splits", "train", "--questions-per-scene", "5"]) == 0
+    assert "train qa:" in capsys.readouterr().out
+    assert {name: (data / name).read_bytes() for name in kept} == kept
+    questions = json.loads((data / "train_qa.json").read_text())["images"]
+    per_scene: dict[int, int] = {}
+    for entry in questions:
+        per_scene[entry["original_id"]] = per_scene.get(entry["original_id"], 0) + 1
+    assert len(per_scene) == 6 and max(per_scene.values()) == 5
+    assert len(questions) > 6 * 3  # more than the fixture's three per scene
+    written = (data / "train_qa.json").read_bytes()
+    generate_shapes_qa(data, seed=0, questions_per_scene=5, splits=("train",))
+    assert (data / "train_qa.json").read_bytes() == written  # the library call, byte for byte
+
+    (data / "val_scenes.json").unlink()
+    assert main(["data", "shapes-qa", str(data), "--splits", "val"]) != 0
+    assert "val_scenes.json not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "shapes-qa", str(data), "--questions-per-scene", "0"])
+    assert "at least 1, got '0'" in capsys.readouterr().err
+
+
 def _random_scene(rng, n):
     pick = lambda values: values[int(rng.integers(len(values)))]  # noqa: E731
     return [ShapeObject(pick(SHAPES), pick(tuple(COLORS)), pick(SIZES), pick(MATERIALS), 0.1 * i, 0.5, 0.05)

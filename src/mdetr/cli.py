@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mdetr.config import ConfigError
 from mdetr.data.shapes import RELATION_FRACTION
+from mdetr.data.shapes import SPLITS as SHAPES_SPLITS
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -503,11 +504,19 @@ def data_main(argv: list[str] | None = None) -> int:
                         help="also write CLEVR-style question-answer files {split}_qa.json (exist, count, "
                              "compare number, query attribute, compare attribute; yes / no answers "
                              "balanced per template; for configs/mdetr_lite_shapes_qa.yaml)")
-    shapes.add_argument("--questions-per-scene", type=int, default=4, help="questions per scene with --qa")
+    shapes.add_argument("--questions-per-scene", type=_positive_int, default=4,
+                        help="questions per scene with --qa")
     shapes.add_argument("--qa-formats", action="store_true",
                         help="with --qa, also write the questions in the original GQA layout (gqa/: "
                              "questions, scene graphs, JPEG images) and the CLEVR v1.0 layout "
                              "(clevr/CLEVR_{split}_questions.json)")
+    shapes_qa = sub.add_parser("shapes-qa", help="write (or rewrite) the question files {split}_qa.json of "
+                               "shapes scenes already generated, e.g. more questions per training scene")
+    shapes_qa.add_argument("output_dir", help="a folder written by 'mdetr data shapes'")
+    shapes_qa.add_argument("--splits", nargs="+", choices=SHAPES_SPLITS, default=list(SHAPES_SPLITS),
+                           help="the splits to write; the others' files are left as they are")
+    shapes_qa.add_argument("--questions-per-scene", type=_positive_int, default=4)
+    shapes_qa.add_argument("--seed", type=int, default=0)
     validate = sub.add_parser("validate", help="list every problem in an MDETR-format annotation file")
     validate.add_argument("ann_file")
     validate.add_argument("--images", help="image folder (checks that every image opens and has its size)")
@@ -517,6 +526,14 @@ def data_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("combine", "flickr", "refexp", "lvis", "phrasecut", "gqa"):
         return _task_data(args)
+    if args.command == "shapes-qa":
+        from mdetr.data.shapes_qa import generate_shapes_qa
+
+        for split, path in generate_shapes_qa(args.output_dir, seed=args.seed, splits=args.splits,
+                                              questions_per_scene=args.questions_per_scene,
+                                              progress=True).items():
+            print(f"{split} qa: {path}")
+        return 0
     if args.command == "shapes":
         from mdetr.data.shapes import generate_shapes
 
@@ -624,6 +641,16 @@ def _fraction(value: str) -> float:
     if not 0.0 <= fraction <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value!r}")
     return fraction
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return number
 
 
 def _file_spec(value: str) -> str | tuple[str, str]:
