@@ -273,8 +273,9 @@ def test_more_questions_for_the_scenes_already_written(qa_dir, tmp_path, capsys)
     assert (data / "train_qa.json").read_bytes() == written  # the library call, byte for byte
 
     (data / "val_scenes.json").unlink()
-    assert main(["data", "shapes-qa", str(data), "--splits", "val"]) != 0
+    assert main(["data", "shapes-qa", str(data), "--splits", "train", "val"]) != 0
     assert "val_scenes.json not found" in capsys.readouterr().err
+    assert (data / "train_qa.json").read_bytes() == written  # nothing rewritten before the error
     with pytest.raises(SystemExit):
         main(["data", "shapes-qa", str(data), "--questions-per-scene", "0"])
     assert "at least 1, got '0'" in capsys.readouterr().err

@@ -342,13 +342,14 @@ def generate_shapes_qa(out_dir: str | Path, *, seed: int = 0, questions_per_scen
         raise FileNotFoundError(f"{meta_file} not found: generate the scenes first "
                                 f"(mdetr data shapes {out_dir})")
     image_size = int(json.loads(meta_file.read_text(encoding="utf-8"))["image_size"])
-    paths: dict[str, Path] = {}
-    for split in splits:
+    for split in splits:  # every split checked before any file is rewritten
         scenes_file = out_dir / f"{split}_scenes.json"
         if not scenes_file.is_file():
             raise FileNotFoundError(f"{scenes_file} not found: generate the scenes first "
                                     f"(mdetr data shapes {out_dir})")
-        scenes = json.loads(scenes_file.read_text(encoding="utf-8"))
+    paths: dict[str, Path] = {}
+    for split in splits:
+        scenes = json.loads((out_dir / f"{split}_scenes.json").read_text(encoding="utf-8"))
         payload = _qa_json(split, scenes, seed=seed, image_size=image_size,
                            questions_per_scene=questions_per_scene, progress=progress)
         paths[split] = out_dir / f"{split}_qa.json"
