@@ -131,6 +131,69 @@ def _torchvision_resnet_keys(name: str) -> set[str]:
     return keys
 
 
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _norm(bn: FrozenBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    return x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1)
+
+
+def _resnet_by_hand(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ResNet forward written out of place from the modules' weights: the in-place norms and residual
+    sums of the package must give the same numbers and gradients."""
+    x = F.max_pool2d(F.relu(_norm(body.bn1, _conv(body.conv1, x))), 3, 2, 1)
+    for stage in (body.layer1, body.layer2, body.layer3, body.layer4):
+        for block in stage:
+            shortcut = x if block.downsample is None else _norm(block.downsample[1],
+                                                                 _conv(block.downsample[0], x))
+            convs = [m for n, m in block.named_children() if n.startswith("conv")]
+            norms = [m for n, m in block.named_children() if n.startswith("bn")]
+            out = x
+            for i, (conv, bn) in enumerate(zip(convs, norms, strict=True)):
+                out = _norm(bn, _conv(conv, out))
+                out = F.relu(out + shortcut) if i == len(convs) - 1 else F.relu(out)
+            x = out
+    return x
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_in_place_norms_and_sums_give_the_out_of_place_numbers_and_gradients(name: str) -> None:
+    torch.manual_seed(0)
+    body = build_backbone_body(name, pretrained=False)
+    with torch.no_grad():  # statistics away from the identity, so every norm does something
+        for bn in (m for m in body.modules() if isinstance(m, FrozenBatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.2)
+            bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 2.0)
+    assert all(m.inplace for m in body.modules() if isinstance(m, FrozenBatchNorm2d))
+    images = torch.randn(2, 3, 64, 80)
+    inputs = [images.clone().requires_grad_(), images.clone().requires_grad_()]
+    ours = body(inputs[0])["layer4"]
+    expected = _resnet_by_hand(body, inputs[1])
+    assert torch.equal(ours, expected)
+    weights = [p for p in body.parameters()]
+    grad_ours = torch.autograd.grad(ours.square().sum(), [inputs[0], *weights])
+    grad_expected = torch.autograd.grad(expected.square().sum(), [inputs[1], *weights])
+    for a, b in zip(grad_ours, grad_expected, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(inputs[0].detach(), images)  # the caller's images are never overwritten
+
+
+def test_in_place_frozen_batch_norm_is_the_same_operation() -> None:
+    torch.manual_seed(0)
+    bn = _random_batch_norm(8, 1e-3)
+    inplace, plain = FrozenBatchNorm2d(8, eps=1e-3, inplace=True), FrozenBatchNorm2d(8, eps=1e-3)
+    inplace.load_state_dict(bn.state_dict())
+    plain.load_state_dict(bn.state_dict())
+    x = torch.randn(2, 8, 5, 7)
+    expected = plain(x)
+    assert not torch.equal(expected, x)
+    buffer = x.clone()
+    assert inplace(buffer) is buffer and torch.equal(buffer, expected)
+    assert "inplace=True" in repr(inplace) and "inplace" not in repr(plain)
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet101"])
 def test_resnet_state_dict_uses_torchvision_names(name: str) -> None:
     state = _body(name).state_dict()

@@ -215,11 +215,11 @@ class DepthwiseSeparableBlock(nn.Module):
             groups=channels,
             tf_same_padding=args.tf_same_padding,
         )
-        self.bn1 = FrozenBatchNorm2d(channels, eps=args.bn_eps)
+        self.bn1 = FrozenBatchNorm2d(channels, eps=args.bn_eps, inplace=True)
         self.act1 = _ACTIVATIONS[args.activation]()
         self.se = _squeeze_excite(args, channels)
         self.conv_pw = _make_conv(channels, args.out_channels, 1)
-        self.bn2 = FrozenBatchNorm2d(args.out_channels, eps=args.bn_eps)
+        self.bn2 = FrozenBatchNorm2d(args.out_channels, eps=args.bn_eps, inplace=True)
         self.has_residual = args.stride == 1 and args.in_channels == args.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
@@ -227,7 +227,9 @@ class DepthwiseSeparableBlock(nn.Module):
         out = self.se(self.act1(self.bn1(self.conv_dw(x))))
         # The projection is linear: no activation after bn2.
         out = self.bn2(self.conv_pw(out))
-        return out + x if self.has_residual else out
+        if self.has_residual:
+            out += x  # in place: a fresh buffer that autograd does not keep
+        return out
 
 
 class InvertedResidualBlock(nn.Module):
@@ -237,7 +239,7 @@ class InvertedResidualBlock(nn.Module):
         super().__init__()
         mid_channels = args.in_channels * args.expand_ratio
         self.conv_pw = _make_conv(args.in_channels, mid_channels, 1)
-        self.bn1 = FrozenBatchNorm2d(mid_channels, eps=args.bn_eps)
+        self.bn1 = FrozenBatchNorm2d(mid_channels, eps=args.bn_eps, inplace=True)
         self.act1 = _ACTIVATIONS[args.activation]()
         self.conv_dw = _make_conv(
             mid_channels,
@@ -247,11 +249,11 @@ class InvertedResidualBlock(nn.Module):
             groups=mid_channels,
             tf_same_padding=args.tf_same_padding,
         )
-        self.bn2 = FrozenBatchNorm2d(mid_channels, eps=args.bn_eps)
+        self.bn2 = FrozenBatchNorm2d(mid_channels, eps=args.bn_eps, inplace=True)
         self.act2 = _ACTIVATIONS[args.activation]()
         self.se = _squeeze_excite(args, mid_channels)
         self.conv_pwl = _make_conv(mid_channels, args.out_channels, 1)
-        self.bn3 = FrozenBatchNorm2d(args.out_channels, eps=args.bn_eps)
+        self.bn3 = FrozenBatchNorm2d(args.out_channels, eps=args.bn_eps, inplace=True)
         self.has_residual = args.stride == 1 and args.in_channels == args.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
@@ -259,7 +261,9 @@ class InvertedResidualBlock(nn.Module):
         out = self.act1(self.bn1(self.conv_pw(x)))
         out = self.se(self.act2(self.bn2(self.conv_dw(out))))
         out = self.bn3(self.conv_pwl(out))
-        return out + x if self.has_residual else out
+        if self.has_residual:
+            out += x  # in place: a fresh buffer that autograd does not keep
+        return out
 
 
 class EfficientNetBody(nn.Module):
@@ -287,7 +291,7 @@ class EfficientNetBody(nn.Module):
             else config.stem_channels
         )
         self.conv_stem = _make_conv(3, stem_channels, 3, stride=2, tf_same_padding=config.tf_same_padding)
-        self.bn1 = FrozenBatchNorm2d(stem_channels, eps=config.bn_eps)
+        self.bn1 = FrozenBatchNorm2d(stem_channels, eps=config.bn_eps, inplace=True)
         self.act1 = _ACTIVATIONS[config.activation]()
 
         stages: list[nn.Sequential] = []
@@ -517,7 +521,7 @@ class EfficientNetLite0Classifier(nn.Module):
         super().__init__()
         self.body = build_efficientnet_body("efficientnet_lite0", pretrained=False)
         self.conv_head = nn.Conv2d(self.body.channels[-1], _LITE_HEAD_CHANNELS, kernel_size=1, bias=False)
-        self.bn_head = FrozenBatchNorm2d(_LITE_HEAD_CHANNELS, eps=self.body.config.bn_eps)
+        self.bn_head = FrozenBatchNorm2d(_LITE_HEAD_CHANNELS, eps=self.body.config.bn_eps, inplace=True)
         self.act_head = nn.ReLU6()
         self.fc = nn.Linear(_LITE_HEAD_CHANNELS, _IMAGENET_CLASSES)
         if pretrained:

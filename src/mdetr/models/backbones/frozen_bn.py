@@ -26,12 +26,16 @@ class FrozenBatchNorm2d(nn.Module):
         num_features: number of channels ``C``.
         eps: added to the variance; 1e-5 matches torchvision ResNets, TensorFlow-trained EfficientNets
             used 1e-3.
+        inplace: overwrite the input instead of allocating the output (the same two operations, so the
+            same numbers). For a norm applied to a convolution's fresh output, as in this package's
+            backbones: autograd needs neither that output nor the input of the scaling.
     """
 
-    def __init__(self, num_features: int, *, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, *, eps: float = 1e-5, inplace: bool = False) -> None:
         super().__init__()
         self.num_features = num_features
         self.eps = eps
+        self.inplace = inplace
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -57,10 +61,13 @@ class FrozenBatchNorm2d(nn.Module):
         """Normalise ``x`` of shape ``(B, C, H, W)``; the output has the same shape and dtype."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+        scale, shift = scale.view(1, -1, 1, 1).to(x.dtype), shift.view(1, -1, 1, 1).to(x.dtype)
+        if self.inplace:
+            return x.mul_(scale).add_(shift)
+        return x * scale + shift
 
     def extra_repr(self) -> str:
-        return f"{self.num_features}, eps={self.eps}"
+        return f"{self.num_features}, eps={self.eps}" + (", inplace=True" if self.inplace else "")
 
 
 def _frozen_copy(batch_norm: nn.BatchNorm2d) -> FrozenBatchNorm2d:

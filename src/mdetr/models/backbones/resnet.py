@@ -48,10 +48,10 @@ class BasicBlock(nn.Module):
         if dilation != 1:
             raise ValueError("BasicBlock (ResNet-18/34) does not support dilation")
         self.conv1 = _conv3x3(in_channels, planes, stride=stride)
-        self.bn1 = FrozenBatchNorm2d(planes)
+        self.bn1 = FrozenBatchNorm2d(planes, inplace=True)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes)
-        self.bn2 = FrozenBatchNorm2d(planes)
+        self.bn2 = FrozenBatchNorm2d(planes, inplace=True)
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
@@ -59,7 +59,8 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        out += shortcut  # in place, as torchvision: no new buffer, and autograd keeps neither input
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -79,11 +80,11 @@ class Bottleneck(nn.Module):
         super().__init__()
         out_channels = planes * self.expansion
         self.conv1 = _conv1x1(in_channels, planes)
-        self.bn1 = FrozenBatchNorm2d(planes)
+        self.bn1 = FrozenBatchNorm2d(planes, inplace=True)
         self.conv2 = _conv3x3(planes, planes, stride=stride, dilation=dilation)
-        self.bn2 = FrozenBatchNorm2d(planes)
+        self.bn2 = FrozenBatchNorm2d(planes, inplace=True)
         self.conv3 = _conv1x1(planes, out_channels)
-        self.bn3 = FrozenBatchNorm2d(out_channels)
+        self.bn3 = FrozenBatchNorm2d(out_channels, inplace=True)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -93,7 +94,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        out += shortcut
+        return self.relu(out)
 
 
 class ResNetBody(nn.Module):
@@ -121,7 +123,7 @@ class ResNetBody(nn.Module):
         self._in_channels = 64
         self._dilation = 1
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = FrozenBatchNorm2d(64)
+        self.bn1 = FrozenBatchNorm2d(64, inplace=True)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_stage(block, 64, blocks_per_stage[0], stride=1)
@@ -151,7 +153,8 @@ class ResNetBody(nn.Module):
         downsample = None
         if stride != 1 or self._in_channels != out_channels:
             downsample = nn.Sequential(
-                _conv1x1(self._in_channels, out_channels, stride=stride), FrozenBatchNorm2d(out_channels)
+                _conv1x1(self._in_channels, out_channels, stride=stride),
+                FrozenBatchNorm2d(out_channels, inplace=True),
             )
         blocks = [
             block(
