@@ -32,9 +32,10 @@ in an order that rotates from round to round, so the rows see the same machine s
   cache (the official two-stage call); ``ours``: ``model(images, masks, captions)``; ``ours, inference
   copy``: the same on :func:`mdetr.inference.optimize.optimize_for_inference`'s copy (batch norms folded,
   channels-last backbone), which is what :class:`mdetr.inference.predictor.Predictor` runs;
-  ``ours, inference copy, bf16``: that copy under ``torch.autocast("cpu", bfloat16)`` (Predictor
-  ``dtype="bfloat16"``). Every output's largest absolute difference from the official outputs of the
-  same round is checked (float32 rows: ``--tolerance``, default 1e-5; bf16: reported only).
+  ``ours, inference copy, bf16``: the copy for bf16 (linear and convolution weights stored in bf16) under
+  ``torch.autocast("cpu", bfloat16)``, as Predictor ``dtype="bfloat16"`` runs it. Every output's largest
+  absolute difference from the official outputs of the same round is checked (float32 rows:
+  ``--tolerance``, default 1e-5; bf16: reported only).
 - training step (train mode, dropout set to 0 on both sides so both compute the same function, auxiliary
   decoder losses on as in the official ``main.py``): forward, the losses, backward, gradient clipping at
   0.1 and one AdamW step (official learning rates 1e-4 / 1e-5 backbone / 5e-5 text encoder, weight decay
@@ -500,7 +501,8 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
         runners = {"official": official_infer(theirs, inputs), "ours": ours_infer(ours, inputs),
                    "ours_inference_copy": ours_infer(fast, inputs)}
         if not args.no_bf16:
-            runners["ours_inference_copy_bf16"] = ours_infer(fast, inputs, bf16=True)
+            fast_bf16 = optimize_for_inference(ours, dtype=torch.bfloat16)  # Predictor(dtype="bfloat16")'s
+            runners["ours_inference_copy_bf16"] = ours_infer(fast_bf16, inputs, bf16=True)
         times, outs = interleaved(runners, warmup=args.warmup, repeats=args.repeats,
                                   label=f"{name} inference")
         rows = {}
@@ -515,6 +517,8 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
                 rows[row]["speedup_vs_official"] = rows["official"]["median_s"] / rows[row]["median_s"]
         result["inference"] = rows
         del fast, runners, outs
+        if not args.no_bf16:
+            del fast_bf16
         gc.collect()
 
     if not args.skip_train:
@@ -581,7 +585,8 @@ def worker(spec: dict) -> dict:
         if spec["mode"].startswith("inference_copy"):
             from mdetr.inference.optimize import optimize_for_inference
 
-            model = optimize_for_inference(model)  # the loaded model is dropped: only the copy stays
+            dtype = torch.bfloat16 if spec["mode"].endswith("bf16") else torch.float32
+            model = optimize_for_inference(model, dtype=dtype)  # the loaded model is dropped: the copy stays
     gc.collect()
     inputs = make_inputs(setup, official, tokenizer, spec["seed"], sizes)
     rss_model = resident_mb()

@@ -71,3 +71,21 @@ def test_predictor_results_do_not_depend_on_the_optimisation(lite_model) -> None
     plain, fast = runs
     torch.testing.assert_close(torch.as_tensor(fast.boxes), torch.as_tensor(plain.boxes), rtol=0, atol=1e-2)
     torch.testing.assert_close(torch.as_tensor(fast.scores), torch.as_tensor(plain.scores), rtol=0, atol=1e-4)
+
+
+def test_bf16_copy_stores_weights_in_bf16_and_computes_the_same_numbers(lite_model) -> None:
+    reference = optimize_for_inference(lite_model)
+    fast = optimize_for_inference(lite_model, dtype=torch.bfloat16)
+    layers = [m for m in fast.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert len(layers) > 100 and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    assert all(p.dtype == torch.float32 for p in lite_model.parameters())  # the original is untouched
+    images, masks = torch.randn(2, 3, 160, 224), torch.zeros(2, 160, 224, dtype=torch.bool)
+    masks[1, :, 200:] = True
+    captions = ["a red circle", "the small blue square left of the star"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = reference(images, masks, captions), fast(images, masks, captions)
+    # autocast casts the float32 weights to bf16 at every call: stored in bf16 they give the same numbers
+    for name in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    with torch.no_grad(), pytest.raises(RuntimeError):  # only for autocast: alone it mixes dtypes
+        fast(images, masks, captions)

@@ -85,7 +85,7 @@ class Predictor:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
-        self._runner = optimize_for_inference(self.model) if optimize else self.model
+        self._runner = optimize_for_inference(self.model, dtype=self.dtype) if optimize else self.model
         self.text_cache = TextFeatureCache(text_cache_size) if text_cache_size else None
         self.processor = GroundingProcessor.for_model(model, image_size=image_size, max_size=max_size)
 
