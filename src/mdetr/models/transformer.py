@@ -35,6 +35,10 @@ class MultiheadAttention(nn.Module):
     ``scaled_dot_product_attention``.
     """
 
+    # Applies the three input projections; an inference copy may swap in another kernel of the same
+    # function (mdetr.inference.optimize.onednn_linear_layers).
+    project = staticmethod(F.linear)
+
     def __init__(self, d_model: int, nhead: int, *, dropout: float = 0.0) -> None:
         super().__init__()
         if d_model % nhead:
@@ -50,8 +54,8 @@ class MultiheadAttention(nn.Module):
     def _heads(self, x: Tensor, index: int) -> Tensor:
         """(B, N, D) -> projection ``index`` (0 query, 1 key, 2 value) split into heads (B, h, N, D/h)."""
         d = x.shape[-1]
-        projected = F.linear(x, self.in_proj_weight[index * d : (index + 1) * d],
-                             self.in_proj_bias[index * d : (index + 1) * d])
+        projected = self.project(x, self.in_proj_weight[index * d : (index + 1) * d],
+                                 self.in_proj_bias[index * d : (index + 1) * d])
         return projected.view(x.shape[0], x.shape[1], self.nhead, -1).transpose(1, 2)
 
     def _merge(self, heads: Tensor) -> Tensor:
