@@ -35,7 +35,9 @@ in an order that rotates from round to round, so the rows see the same machine s
   ``ours, inference copy, bf16``: the copy for bf16 (linear and convolution weights stored in bf16) under
   ``torch.autocast("cpu", bfloat16)``, as Predictor ``dtype="bfloat16"`` runs it. Every output's largest
   absolute difference from the official outputs of the same round is checked (float32 rows:
-  ``--tolerance``, default 1e-5; bf16: reported only).
+  ``--tolerance``, default 1e-5; bf16: reported only). For scale, the official call also runs once on one
+  thread (two when ``--threads 1``): how far that moves its own outputs is the rounding spread of the
+  reference itself.
 - training step (train mode, dropout set to 0 on both sides so both compute the same function, auxiliary
   decoder losses on as in the official ``main.py``): forward, the losses, backward, gradient clipping at
   0.1 and one AdamW step (official learning rates 1e-4 / 1e-5 backbone / 5e-5 text encoder, weight decay
@@ -335,6 +337,19 @@ def ours_infer(model: nn.Module, inputs: Inputs, *, bf16: bool = False) -> Calla
     return run
 
 
+def official_thread_spread(run: Callable[[], dict[str, Tensor]], reference: dict[str, Tensor],
+                           threads: int) -> dict:
+    """How far the official outputs move when the same call runs on one thread instead of ``threads``:
+    the float-rounding spread of the reference itself (oneDNN splits its sums by thread count)."""
+    other = 1 if threads != 1 else 2
+    torch.set_num_threads(other)
+    try:
+        outputs = run()
+    finally:
+        torch.set_num_threads(threads)
+    return {"threads": other, "max_abs_diff": output_diffs(outputs, reference)}
+
+
 def _official_keys(out) -> dict[str, Tensor]:
     """Our MDETROutput under the official output keys (as compare_official.our_outputs)."""
     outputs = {}
@@ -515,6 +530,8 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
                 diffs = [output_diffs(o, ref) for o, ref in zip(outs[row], outs["official"], strict=True)]
                 rows[row]["max_abs_diff"] = {k: max(d[k] for d in diffs) for k in diffs[0]}
                 rows[row]["speedup_vs_official"] = rows["official"]["median_s"] / rows[row]["median_s"]
+        rows["official"]["thread_spread"] = official_thread_spread(runners["official"], outs["official"][-1],
+                                                                   args.threads)
         result["inference"] = rows
         del fast, runners, outs
         if not args.no_bf16:
@@ -679,6 +696,11 @@ def check_targets(results: dict, tolerance: float) -> list[str]:
                              f"(target >= 1.5x: {'met' if s['speedup_vs_official'] >= 1.5 else 'NOT met'}), "
                              f"largest diff {diff:.1e} on {key} (official |max| {scale:.3g}; "
                              f"{'within' if diff <= tolerance else 'ABOVE'} {tolerance:g})")
+        if "thread_spread" in inf.get("official", {}):
+            spread = inf["official"]["thread_spread"]
+            key = max(spread["max_abs_diff"], key=spread["max_abs_diff"].get)
+            lines.append(f"{name} official on {spread['threads']} thread(s) instead of the timed count: its "
+                         f"outputs move by up to {spread['max_abs_diff'][key]:.1e} ({key})")
         if "ours_inference_copy_bf16" in inf:
             s = inf["ours_inference_copy_bf16"]
             lines.append(f"{name} inference bf16: {s['speedup_vs_official']:.2f}x official float32 "
