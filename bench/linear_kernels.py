@@ -3,7 +3,7 @@
     .venv/bin/python bench/linear_kernels.py --threads 2 --output runs/linear_kernels.json
 
 PyTorch's float32 ``linear`` calls its BLAS (MKL in the x86 wheels); the Predictor's inference copy calls
-oneDNN's linear instead (:func:`mdetr.inference.optimize.onednn_linear`). This times both, in alternation,
+oneDNN's linear instead (:func:`mdetr.ops.linear.onednn_linear`). This times both, in alternation,
 on the layer shapes of the models (rows x input width -> output width): the transformer encoder over one
 ResNet-101 batch of two 512x680 images (742 tokens, width 256, feed-forward 2048), the decoder's 2 x 100
 queries, and a RoBERTa-base layer over two 19-token captions. It prints GFLOP/s (2 FLOPs per
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mdetr.inference.optimize import _onednn_linear_works
+from mdetr.ops.linear import onednn_linear_available
 
 SHAPES = [  # (rows, in, out, where)
     (742, 256, 256, "encoder attention projection"),
@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=Path("runs/linear_kernels.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not _onednn_linear_works():
+    if not onednn_linear_available():
         raise SystemExit("oneDNN's linear operator is not available in this PyTorch build")
     onednn = torch.ops.mkldnn._linear_pointwise
     generator = torch.Generator().manual_seed(0)

@@ -31,7 +31,8 @@ in an order that rotates from round to round, so the rows see the same machine s
   ``official``: ``model(samples, captions, encode_and_save=True)`` then the decode call with its memory
   cache (the official two-stage call); ``ours``: ``model(images, masks, captions)``; ``ours, inference
   copy``: the same on :func:`mdetr.inference.optimize.optimize_for_inference`'s copy (batch norms folded,
-  channels-last backbone), which is what :class:`mdetr.inference.predictor.Predictor` runs;
+  channels-last backbone, float32 linear layers on oneDNN), which is what
+  :class:`mdetr.inference.predictor.Predictor` runs;
   ``ours, inference copy, bf16``: the copy for bf16 (linear and convolution weights stored in bf16) under
   ``torch.autocast("cpu", bfloat16)``, as Predictor ``dtype="bfloat16"`` runs it. Every output's largest
   absolute difference from the official outputs of the same round is checked (float32 rows:
@@ -425,7 +426,8 @@ def official_train(model: nn.Module, official: dict, inputs: Inputs, qa: bool) -
 
 def ours_train(model: nn.Module, inputs: Inputs) -> Callable[[], dict]:
     """One optimisation step of ``mdetr train`` (accumulate_gradients, clip 0.1, AdamW), with its defaults:
-    PyTorch's fused AdamW kernel and channels-last backbone activations (``train.channels_last``)."""
+    PyTorch's fused AdamW kernel, channels-last backbone activations (``train.channels_last``) and linear
+    layers on oneDNN (``train.onednn_linear``)."""
     from mdetr.builder import _with_answer_losses
     from mdetr.config import Config, LossConfig, TrainConfig
     from mdetr.data.collate import Batch
@@ -434,6 +436,7 @@ def ours_train(model: nn.Module, inputs: Inputs) -> Callable[[], dict]:
     from mdetr.engine.train import GroundingTask, accumulate_gradients
     from mdetr.inference.optimize import channels_last_backbone
     from mdetr.losses.criterion import build_criterion, weight_dict
+    from mdetr.ops.linear import onednn_linear_layers
 
     config = model.config
     config.aux_loss = True  # the training default (the official loaders turn it off for inference)
@@ -449,6 +452,8 @@ def ours_train(model: nn.Module, inputs: Inputs) -> Callable[[], dict]:
     optimizer = build_optimizer(model, train_config)  # fused AdamW, as mdetr train
     if train_config.channels_last:  # channels-last backbone activations, as mdetr train
         channels_last_backbone(model, weights=False)
+    if train_config.onednn_linear:  # linear layers on oneDNN, as mdetr train
+        onednn_linear_layers(model)
     task, ctx = GroundingTask(), DistributedContext(device=torch.device("cpu"))
     batch = Batch(inputs.images, inputs.masks, inputs.captions, inputs.ours_targets)
 
@@ -644,7 +649,7 @@ MEMORY_KEYS = {"official": "official_inference", "ours": "ours_inference",
 TRAIN_LABELS = {"official": "official engine.train_one_epoch body: forward (two stages), SetCriterion "
                             "(+ CLEVR QA), backward, clip 0.1, AdamW",
                 "ours": "mdetr accumulate_gradients (forward, criterion, backward; channels-last backbone "
-                        "activations), clip 0.1, fused AdamW"}
+                        "activations, linear layers on oneDNN), clip 0.1, fused AdamW"}
 
 
 def _timing_row(label: str, s: dict, check: str, mem: dict | None) -> str:

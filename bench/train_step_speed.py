@@ -37,6 +37,7 @@ from mdetr.engine.distributed import DistributedContext
 from mdetr.engine.optim import build_optimizer
 from mdetr.engine.train import GroundingTask, accumulate_gradients, seed_everything
 from mdetr.inference.optimize import channels_last_backbone
+from mdetr.ops.linear import onednn_linear_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 AMP = ("none", "bf16", "fp16")
@@ -75,6 +76,8 @@ def run_setting(args: argparse.Namespace, amp: str) -> dict:
     model.to(device).train()
     if config.train.channels_last:  # as mdetr train
         channels_last_backbone(model, weights=False)
+    if config.train.onednn_linear:
+        onednn_linear_layers(model)
     if config.train.cache_text_features:  # as mdetr train; the batches repeat, so warm-up fills the cache
         model.transformer.cache_text_features()
     optimizer = build_optimizer(model, config.train)

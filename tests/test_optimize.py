@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from mdetr.inference.optimize import fold_frozen_batchnorm, optimize_for_inference
@@ -96,33 +95,3 @@ def test_bf16_copy_stores_weights_in_bf16_and_computes_the_same_numbers(lite_mod
     with torch.no_grad(), pytest.raises(RuntimeError):  # only for autocast: alone it mixes dtypes
         fast(images, masks, captions)
 
-
-def _ran(op_name: str, fn) -> bool:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return any(event.name == op_name for event in prof.events())
-
-
-def test_onednn_linear_is_the_linear_function_and_steps_aside_for_gradients_and_autocast() -> None:
-    from mdetr.inference.optimize import _onednn_linear_works, onednn_linear
-
-    generator = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(48, 256, generator=generator), torch.randn(48, generator=generator)
-    inputs = [torch.randn(2, 37, 256, generator=generator),               # (B, N, D) rows
-              torch.randn(37, 2, 256, generator=generator).transpose(0, 1),  # a non-contiguous view
-              torch.randn(5, 256, generator=generator)]
-    fused = torch.randn(3 * 48, 256, generator=generator)[48:96]          # a slice, as the attention's
-    with torch.no_grad():
-        for x in inputs:
-            for w, b in ((weight, bias), (weight, None), (fused, bias)):
-                torch.testing.assert_close(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert _onednn_linear_works()  # oneDNN is part of PyTorch's x86 CPU builds
-    x = inputs[0]
-    with torch.no_grad():
-        assert _ran("mkldnn::_linear_pointwise", lambda: onednn_linear(x, weight, bias))
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's own bf16 linear
-            assert not _ran("mkldnn::_linear_pointwise", lambda: onednn_linear(x, weight, bias))
-    leaf = weight.clone().requires_grad_()
-    out = onednn_linear(x, leaf, bias)  # a gradient is wanted: F.linear, with its backward
-    out.sum().backward()
-    torch.testing.assert_close(leaf.grad, x.sum(dim=(0, 1)).expand(48, -1))

@@ -350,6 +350,10 @@ class TrainConfig:
     # convolutions (forward and backward) and cuDNN's tensor-core kernels are fastest: the same function up
     # to float rounding (a ResNet-101 forward + backward about 1.1x faster on 2 CPU cores).
     channels_last: bool = True
+    # Run float32 linear layers (forward and backward) on oneDNN's CPU kernels instead of the BLAS behind
+    # torch's linear, which on AMD processors takes an AVX2 path about half as fast (mdetr.ops.linear): the
+    # same function up to float rounding. Only float32 CPU layers outside autocast are affected.
+    onednn_linear: bool = True
     # With model.freeze_text_encoder: encode each distinct caption once and reuse the text encoder's output
     # in later epochs (the same function up to float rounding; memory grows with the captions' tokens,
     # about 1.5 kB per token for MiniLM, 3 kB for RoBERTa-base).

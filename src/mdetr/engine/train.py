@@ -46,6 +46,7 @@ from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 from mdetr.inference.optimize import channels_last_backbone
 from mdetr.losses.criterion import total_loss
 from mdetr.losses.qa import QASetCriterion
+from mdetr.ops.linear import onednn_linear_layers
 
 
 def seed_everything(seed: int) -> None:
@@ -252,6 +253,8 @@ def _train(config: Config, ctx: DistributedContext, *, resume: str | Path | None
     model.to(device)
     if tc.channels_last:
         channels_last_backbone(model, weights=False)
+    if tc.onednn_linear:
+        onednn_linear_layers(model)
     train_set = task.dataset(config, "train", model)
     val_set = task.dataset(config, "val", model) if config.data.val_ann else None
     faults = FaultTracker(tc.max_nonfinite_in_a_row)

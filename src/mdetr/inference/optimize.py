@@ -10,7 +10,7 @@ Three rewrites, each exact up to float rounding (and a fourth for reduced-precis
   convolutions fall back to a generic im2col path);
 * ReLU6 activations run in place;
 * float32 linear layers on the CPU run on oneDNN's matrix-multiply kernels instead of the BLAS that
-  ``torch.nn.functional.linear`` calls (:func:`onednn_linear_layers`);
+  ``torch.nn.functional.linear`` calls (:func:`mdetr.ops.linear.onednn_linear_layers`);
 * for a copy that runs under bf16 (or fp16) autocast, the weights and biases of every linear layer and
   convolution are stored in that dtype: autocast casts them to it at every call anyway, so the numbers are
   the same and each call skips reading and converting some 200M float32 values (ResNet-101 with
@@ -27,13 +27,13 @@ import copy
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mdetr.models.backbones.frozen_bn import FrozenBatchNorm2d
+from mdetr.ops.linear import onednn_linear_layers
 
-__all__ = ["cast_autocast_weights", "channels_last_backbone", "fold_frozen_batchnorm", "onednn_linear",
-           "onednn_linear_layers", "optimize_for_inference"]
+__all__ = ["cast_autocast_weights", "channels_last_backbone", "fold_frozen_batchnorm",
+           "optimize_for_inference"]
 
 # (convolution, batch norm that follows it) child names in the backbones' blocks: EfficientNet stem and
 # blocks, ResNet stem, blocks and downsample branches.
@@ -96,59 +96,6 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float
         cast_autocast_weights(fast, dtype)
     onednn_linear_layers(fast)
     return fast
-
-
-# PyTorch's CPU float32 ``linear`` calls MKL, which on AMD processors takes its AVX2 code path: about 200
-# GFLOP/s on two Zen 5 cores against 420-450 for oneDNN's AVX-512 kernels on the shapes of these models
-# (bench/linear_kernels.py, BENCHMARKS.md section 9). oneDNN's linear is reachable only through this
-# operator, which has no autograd formula: it is used for inference (no gradient wanted), float32 without
-# autocast, on the CPU, and F.linear everywhere else.
-@functools.cache
-def _onednn_linear_works() -> bool:
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(shape, generator=generator) for shape in ((2, 3, 16), (8, 16), (8,)))
-    try:
-        return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5))
-    except RuntimeError:
-        return False
-
-
-def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, on oneDNN's kernel when that is possible and no gradient is wanted
-    (float32 CPU tensors, autocast off, grad mode off or nothing requiring a gradient)."""
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and _onednn_linear_works()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-class _OneDNNLinear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`onednn_linear` (same parameters, same state dict)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return onednn_linear(x, self.weight, self.bias)
-
-
-def onednn_linear_layers(model: nn.Module) -> int:
-    """Route, in place, ``model``'s linear layers (every ``nn.Linear`` and the input projections of
-    :class:`mdetr.models.transformer.MultiheadAttention`) through :func:`onednn_linear`; returns how many
-    modules were changed. The outputs change only by float rounding (another summation order)."""
-    from mdetr.models.transformer import MultiheadAttention
-
-    changed = 0
-    for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = _OneDNNLinear
-            changed += 1
-        elif isinstance(module, MultiheadAttention):
-            module.project = onednn_linear
-            changed += 1
-    return changed
 
 
 def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> int:

@@ -36,7 +36,7 @@ class MultiheadAttention(nn.Module):
     """
 
     # Applies the three input projections; an inference copy may swap in another kernel of the same
-    # function (mdetr.inference.optimize.onednn_linear_layers).
+    # function (mdetr.ops.linear.onednn_linear_layers).
     project = staticmethod(F.linear)
 
     def __init__(self, d_model: int, nhead: int, *, dropout: float = 0.0) -> None:
