@@ -85,3 +85,14 @@ def test_layers_keep_their_names_and_train_to_the_same_weights() -> None:
             optimizer.step()
     for (name, a), (_, b) in zip(model.state_dict().items(), routed.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_under_torch_compile_the_compiler_keeps_its_own_linear() -> None:
+    layer = nn.Linear(16, 8)
+    onednn_linear_layers(layer)
+    compiled = torch.compile(layer, backend="eager")  # dynamo traces; the eager backend runs the graph
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert _ran("mkldnn::_linear_pointwise", lambda: layer(x))
+        assert not _ran("mkldnn::_linear_pointwise", lambda: compiled(x))
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)

@@ -7,7 +7,7 @@ section 9). PyTorch reaches oneDNN's linear only through the operator ``mkldnn::
 has no autograd formula; :func:`onednn_linear` uses it for the forward pass and, through a small
 ``autograd.Function``, for the two matrix products of the backward pass. The result is ``F.linear``'s up to
 float rounding (another summation order). Everywhere the operator does not apply (other devices and dtypes,
-autocast, a build without oneDNN) it is ``F.linear`` itself.
+autocast, code being compiled by ``torch.compile``, a build without oneDNN) it is ``F.linear`` itself.
 """
 
 from __future__ import annotations
@@ -68,9 +68,11 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, weight, bias)``, on oneDNN's kernels for float32 CPU tensors outside autocast (with a
     backward pass on oneDNN too when a gradient is wanted), on ``F.linear`` otherwise."""
+    # Under torch.compile the compiler chooses the kernels (inductor cannot lower this operator with a
+    # weight that is not pre-packed).
     if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
             and x.dim() >= 2 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-            and onednn_linear_available()):
+            and not torch.compiler.is_compiling() and onednn_linear_available()):
         return F.linear(x, weight, bias)
     wants_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
