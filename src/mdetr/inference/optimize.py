@@ -1,6 +1,6 @@
-"""An inference copy of a model with the same outputs and less work in the CNN backbone.
+"""An inference copy of a model with the same outputs and less work.
 
-Three rewrites, each exact up to float rounding (and a fourth for reduced-precision runs, exact):
+Four rewrites, each exact up to float rounding, and a fifth, exact, for copies run under autocast:
 
 * every frozen batch norm that directly follows a convolution is folded into that convolution's weight and
   bias (``y = conv(x) * scale + shift`` becomes one convolution), which removes two full passes over every
@@ -80,10 +80,10 @@ def _to_channels_last(_: nn.Module, args: tuple) -> tuple:
 def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A copy of ``model`` (in eval mode) whose CNN backbone has folded batch norms, channels-last layout
     and in-place activations, and whose linear layers run on oneDNN in float32 inference (each change exact
-    up to float rounding). With a ``dtype`` other than
-    float32, the copy is for running under autocast to that dtype (only there), and its linear and
-    convolution weights are stored in it (:func:`cast_autocast_weights`). Models without the
-    ``backbone[0].body`` layout of MDETR get no backbone rewrite."""
+    up to float rounding). With a ``dtype`` other than float32 the copy is for running under autocast to
+    that dtype, and only there: its linear and convolution weights are stored in it
+    (:func:`cast_autocast_weights`). Models without the ``backbone[0].body`` layout of MDETR get no
+    backbone rewrite."""
     fast = copy.deepcopy(model).eval()
     body = _backbone_body(fast)
     if body is not None:

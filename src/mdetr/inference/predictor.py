@@ -70,9 +70,10 @@ class Predictor:
     size), normalised as in training, padded into a batch; boxes come back in the original pixels.
     ``dtype="bfloat16"`` runs the forward pass under bf16 autocast; predictions are returned in float32.
     ``optimize`` (default) runs a copy of the model with the backbone's batch norms folded into its
-    convolutions and channels-last layout (:func:`mdetr.inference.optimize.optimize_for_inference`: the same
-    outputs up to float rounding, about twice as fast a backbone on CPU); the copy is taken here, so later
-    changes to ``model``'s weights need a new Predictor. The text encoder's output is kept for the last
+    convolutions, channels-last layout and float32 linear layers on oneDNN
+    (:func:`mdetr.inference.optimize.optimize_for_inference`: the same outputs up to float rounding, about
+    twice as fast a backbone on CPU; for bf16 its weights are stored in bf16); the copy is taken here, so
+    later changes to ``model``'s weights need a new Predictor. The text encoder's output is kept for the last
     ``text_cache_size`` distinct captions (0: none), so a caption asked about again (a server's class list,
     one question over many images) is not encoded again.
     """
