@@ -96,3 +96,23 @@ def test_under_torch_compile_the_compiler_keeps_its_own_linear() -> None:
         assert _ran("mkldnn::_linear_pointwise", lambda: layer(x))
         assert not _ran("mkldnn::_linear_pointwise", lambda: compiled(x))
         torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+def test_second_derivatives_are_refused_rather_than_wrong() -> None:
+    x = torch.randn(4, 16, requires_grad=True)
+    weight = torch.randn(8, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(onednn_linear(x, weight).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+def test_the_availability_probe_does_not_depend_on_the_default_dtype() -> None:
+    onednn_linear_available.cache_clear()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert onednn_linear_available()
+    finally:
+        torch.set_default_dtype(previous)
+        onednn_linear_available.cache_clear()
+    assert onednn_linear_available()

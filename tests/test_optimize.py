@@ -11,6 +11,7 @@ from mdetr.inference.optimize import fold_frozen_batchnorm, optimize_for_inferen
 from mdetr.inference.predictor import Predictor
 from mdetr.models.backbones.frozen_bn import FrozenBatchNorm2d
 from mdetr.models.backbones.resnet import build_resnet_body
+from mdetr.models.transformer import MultiheadAttention
 
 
 def _randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
@@ -83,6 +84,8 @@ def test_bf16_copy_stores_weights_in_bf16_and_computes_the_same_numbers(lite_mod
     fast = optimize_for_inference(lite_model, dtype=torch.bfloat16)
     layers = [m for m in fast.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert len(layers) > 100 and all(m.weight.dtype == torch.bfloat16 for m in layers)
+    attention = [m for m in fast.modules() if isinstance(m, MultiheadAttention)]
+    assert attention and all(m.in_proj_weight.dtype == torch.bfloat16 for m in attention)
     assert all(p.dtype == torch.float32 for p in lite_model.parameters())  # the original is untouched
     images, masks = torch.randn(2, 3, 160, 224), torch.zeros(2, 160, 224, dtype=torch.bool)
     masks[1, :, 200:] = True

@@ -352,7 +352,8 @@ class TrainConfig:
     channels_last: bool = True
     # Run float32 linear layers (forward and backward) on oneDNN's CPU kernels instead of the BLAS behind
     # torch's linear, which on AMD processors takes an AVX2 path about half as fast (mdetr.ops.linear): the
-    # same function up to float rounding. Only float32 CPU layers outside autocast are affected.
+    # same function up to float rounding. Only float32 CPU layers outside autocast are affected. Measured
+    # on AMD Zen 5; on Intel processors, where MKL uses AVX-512, expect little difference (not measured).
     onednn_linear: bool = True
     # With model.freeze_text_encoder: encode each distinct caption once and reuse the text encoder's output
     # in later epochs (the same function up to float rounding; memory grows with the captions' tokens,

@@ -28,7 +28,8 @@ def onednn_linear_available() -> bool:
     if op is None or not torch.backends.mkldnn.is_available():
         return False
     generator = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(shape, generator=generator) for shape in ((2, 3, 16), (8, 16), (8,)))
+    x, w, b = (torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+               for shape in ((2, 3, 16), (8, 16), (8,)))
     try:
         return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-5))
     except RuntimeError:
@@ -52,6 +53,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the operator has no derivative of its own
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
         rows = grad.reshape(-1, grad.shape[-1])  # (M, out)
