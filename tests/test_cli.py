@@ -54,6 +54,21 @@ def test_evaluate_under_bf16_autocast_stays_close_to_float32(trained, shapes_dir
         assert abs(fp32 - bf16) <= 0.1, scores
 
 
+def test_evaluate_on_the_inference_copy_gives_the_models_metrics(trained, shapes_dir, tmp_path):
+    metrics = {}
+    for flag in ([], ["--optimize"]):
+        out = tmp_path / f"metrics{len(flag)}.json"
+        assert main(["evaluate", str(trained / "last"), "--ann", str(shapes_dir / "val.json"), "--images",
+                     str(shapes_dir / "images"), "--refexp-datasets", "shapes_refexp", *flag,
+                     "--output", str(out)]) == 0
+        metrics[bool(flag)] = json.loads(out.read_text())
+    # folded norms, channels-last convolutions and oneDNN's linear layers change float rounding only
+    for name in ("P@1", "P@5", "P@10"):
+        assert metrics[True]["refexp"]["overall"][name] == pytest.approx(
+            metrics[False]["refexp"]["overall"][name], abs=0.02)
+    assert metrics[True]["box_ap"]["AP50"] == pytest.approx(metrics[False]["box_ap"]["AP50"], abs=0.01)
+
+
 def test_predict_writes_json_and_picture(trained, shapes_dir, tmp_path):
     image = sorted((shapes_dir / "images" / "val").glob("*.png"))[0]
     code = main(["predict", str(trained / "last"), "--image", str(image), "--text", "the red circle",
