@@ -37,6 +37,7 @@ from mdetr.engine.train import (
     train,
 )
 from mdetr.losses.criterion import total_loss
+from mdetr.ops.linear import onednn_linear_layers
 
 LR = 0.5
 # Largest allowed parameter difference, relative to the largest change of the same tensor in the step. What
@@ -111,6 +112,7 @@ def setup(shapes_dir, tmp_path_factory):
                                                "data.batch_size=2", "train.epochs=1"))
     seed_everything(0)
     model, criterion, weights = build(config)
+    onednn_linear_layers(model)  # as mdetr train (train.onednn_linear), in every model of this file
     start = model_state(model)
     save_file(start, str(folder / "init.safetensors"))
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
@@ -123,6 +125,7 @@ def setup(shapes_dir, tmp_path_factory):
 
 def _fresh(setup):
     model, criterion, weights = build(setup["config"])
+    onednn_linear_layers(model)
     model.load_state_dict(setup["start"])
     return model, criterion, weights
 
@@ -242,6 +245,7 @@ def _worker(argv: list[str]) -> None:
     ctx = init_distributed("cpu")
     config = Config.from_dict(json.loads((args.folder / "config.json").read_text()))
     model, criterion, weights = build(config)
+    onednn_linear_layers(model)
     load_weights(model, args.folder / "init.safetensors")
     start = model_state(model)
     dataset = _dataset(config, model.tokenizer)
