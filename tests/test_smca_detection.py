@@ -238,7 +238,12 @@ def test_cli_trains_evaluates_and_predicts_a_detector(detection_shapes, tmp_path
     metrics_args = ["--output", str(metrics_file)]
     assert main(["evaluate", str(run / "last"), "--task", "detection", *val, *metrics_args]) == 0
     assert "COCO box AP: AP" in capsys.readouterr().out
-    assert set(json.loads(metrics_file.read_text())["box_ap"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    metrics = json.loads(metrics_file.read_text())["box_ap"]
+    assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert main(["evaluate", str(run / "last"), "--task", "detection", *val, "--optimize",
+                 *metrics_args]) == 0
+    optimized = json.loads(metrics_file.read_text())["box_ap"]  # the inference copy: float rounding only
+    assert optimized["AP50"] == pytest.approx(metrics["AP50"], abs=0.01)
     assert main(["evaluate", str(run / "last"), "--task", "grounding", *val]) == 2  # the wrong task
     image = sorted((detection_shapes / "images" / "val").glob("*.png"))[0]
     out = tmp_path / "pred"

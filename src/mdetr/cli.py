@@ -251,7 +251,8 @@ def _evaluate_detection(args: argparse.Namespace) -> int:
     from mdetr.engine.detection import evaluate_checkpoint, format_detection_metrics
 
     metrics = evaluate_checkpoint(args.checkpoint, args.ann, args.images, weights=args.weights,
-                                  batch_size=args.batch_size, device=args.device, progress=True)
+                                  batch_size=args.batch_size, device=args.device, progress=True,
+                                  optimize=args.optimize)
     print(format_detection_metrics(metrics))
     if args.output:
         Path(args.output).write_text(json.dumps(metrics, indent=2))

@@ -139,11 +139,16 @@ class DetectionTask:
 
 def evaluate_checkpoint(checkpoint: str | Path, ann_file: str | Path, image_root: str | Path, *,
                         weights: str = "model", batch_size: int = 8, device: str = "cpu",
-                        progress: bool = False) -> dict[str, Any]:
-    """COCO AP of a detection checkpoint on a COCO file, with the checkpoint's evaluation transforms."""
+                        progress: bool = False, optimize: bool = False) -> dict[str, Any]:
+    """COCO AP of a detection checkpoint on a COCO file, with the checkpoint's evaluation transforms;
+    ``optimize`` runs the inference copy of :func:`mdetr.inference.optimize.optimize_for_inference`."""
     from torch.utils.data import DataLoader
 
+    from mdetr.inference.optimize import optimize_for_inference
+
     model = load_detector(checkpoint, weights=weights, device=device)
+    if optimize:
+        model = optimize_for_inference(model)
     data = model.train_config.data
     dataset = CocoDetection(ann_file, image_root, transforms=build_transforms(data, "val"),
                             on_error=data.on_error)

@@ -92,9 +92,10 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float
         for module in body.modules():
             if isinstance(module, nn.ReLU6):
                 module.inplace = True
-    if dtype != torch.float32:
+    if dtype == torch.float32:
+        onednn_linear_layers(fast)
+    else:  # under autocast the linear layers run in dtype, where oneDNN's linear does not apply
         cast_autocast_weights(fast, dtype)
-    onednn_linear_layers(fast)
     return fast
 
 
