@@ -38,7 +38,11 @@ in an order that rotates from round to round, so the rows see the same machine s
   absolute difference from the official outputs of the same round is checked (float32 rows:
   ``--tolerance``, default 1e-5; bf16: reported only). For scale, the official call also runs once on one
   thread (two when ``--threads 1``): how far that moves its own outputs is the rounding spread of the
-  reference itself.
+  reference itself. After the timed rounds both models are also evaluated once in float64 (copies, the
+  same weights and inputs widened exactly): our float64 outputs against the official float64 ones say
+  whether the two compute the same function, and every row's last outputs against the official float64
+  ones give its own rounding error (official row included), i.e. how far from exact arithmetic float32
+  (or bf16) leaves each of them.
 - training step (train mode, dropout set to 0 on both sides so both compute the same function, auxiliary
   decoder losses on as in the official ``main.py``): forward, the losses, backward, gradient clipping at
   0.1 and one AdamW step (official learning rates 1e-4 / 1e-5 backbone / 5e-5 text encoder, weight decay
@@ -65,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import importlib
 import io
@@ -352,15 +357,38 @@ def official_thread_spread(run: Callable[[], dict[str, Tensor]], reference: dict
 
 
 def _official_keys(out) -> dict[str, Tensor]:
-    """Our MDETROutput under the official output keys (as compare_official.our_outputs)."""
+    """Our MDETROutput under the official output keys (as compare_official.our_outputs), in float32 (or
+    float64 for a float64 model)."""
+    def widen(value: Tensor) -> Tensor:
+        return value if value.dtype == torch.float64 else value.float()
+
     outputs = {}
     for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens", "pred_isfinal", "pred_masks"):
         value = getattr(out, key, None)
         if value is not None:
-            outputs[key] = value.float()
+            outputs[key] = widen(value)
     for name, value in out.qa.items():
-        outputs[f"pred_{name}"] = value.float()
+        outputs[f"pred_{name}"] = widen(value)
     return outputs
+
+
+@torch.no_grad()
+def float64_reference(theirs: nn.Module, ours: nn.Module, inputs: Inputs) -> tuple[dict[str, Tensor], dict]:
+    """Both models evaluated once in float64 (copies; same weights and inputs, widened exactly).
+
+    Returns the official float64 outputs, which stand in for exact arithmetic when each float32 row's
+    rounding error is measured, and a summary with how far our float64 outputs are from them (the two
+    implementations compute the same function when that is at float64 rounding level).
+    """
+    samples = type(inputs.samples)(inputs.images.double(), inputs.masks)
+    wide = copy.deepcopy(theirs).double()
+    reference = co.official_outputs(wide, samples, inputs.captions, False)[0]
+    del wide
+    wide = copy.deepcopy(ours).double()
+    mine = _official_keys(wide(inputs.images.double(), inputs.masks, inputs.captions))
+    del wide
+    gc.collect()
+    return reference, {"ours_float64_vs_official_float64": output_diffs(mine, reference)}
 
 
 def official_weight_dict(qa: bool, dec_layers: int = 6) -> dict[str, float]:
@@ -537,6 +565,10 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
                 rows[row]["speedup_vs_official"] = rows["official"]["median_s"] / rows[row]["median_s"]
         rows["official"]["thread_spread"] = official_thread_spread(runners["official"], outs["official"][-1],
                                                                    args.threads)
+        reference, result["float64"] = float64_reference(theirs, ours, inputs)
+        for row in rows:  # each row's rounding error: its last round against the float64 evaluation
+            rows[row]["max_abs_error_vs_float64"] = output_diffs(outs[row][-1], reference)
+        del reference
         result["inference"] = rows
         del fast, runners, outs
         if not args.no_bf16:
@@ -666,12 +698,14 @@ def tables(results: dict) -> str:
             lines += [f"\n{name} ({r['arch']}, text encoder {r['text_encoder']}-sized), inference, batch "
                       f"{len(r['image_sizes'])} ({sizes}):\n",
                       "| row | median (s) | p90 (s) | images/s | x official | largest abs diff | "
-                      "peak RSS (MiB) |",
-                      "|---|---|---|---|---|---|---|"]
+                      "peak RSS (MiB) | largest abs error vs float64 |",
+                      "|---|---|---|---|---|---|---|---|"]
             for row, s in r["inference"].items():
                 diff = max(s["max_abs_diff"].values()) if "max_abs_diff" in s else None
                 mem = r.get("peak_memory", {}).get(MEMORY_KEYS[row])
-                lines.append(_timing_row(INFER_LABELS[row], s, "-" if diff is None else f"{diff:.1e}", mem))
+                errors = s.get("max_abs_error_vs_float64")
+                lines.append(_timing_row(INFER_LABELS[row], s, "-" if diff is None else f"{diff:.1e}", mem)
+                             + (f" {max(errors.values()):.1e} |" if errors else " - |"))
         if "train" in r:
             a = r["train_first_step"]
             lines += [f"\n{name}, training step, batch {len(r['image_sizes'])} ({sizes}):\n",
@@ -706,6 +740,13 @@ def check_targets(results: dict, tolerance: float) -> list[str]:
             key = max(spread["max_abs_diff"], key=spread["max_abs_diff"].get)
             lines.append(f"{name} official on {spread['threads']} thread(s) instead of the timed count: its "
                          f"outputs move by up to {spread['max_abs_diff'][key]:.1e} ({key})")
+        if "float64" in r:
+            same = r["float64"]["ours_float64_vs_official_float64"]
+            errors = {row: max(s["max_abs_error_vs_float64"].values()) for row, s in inf.items()
+                      if row != "ours_inference_copy_bf16" and "max_abs_error_vs_float64" in s}
+            lines.append(f"{name} in float64, ours against official: largest diff {max(same.values()):.1e}; "
+                         "float32 rounding error against that float64 evaluation: "
+                         + ", ".join(f"{row} {e:.1e}" for row, e in errors.items()))
         if "ours_inference_copy_bf16" in inf:
             s = inf["ours_inference_copy_bf16"]
             lines.append(f"{name} inference bf16: {s['speedup_vs_official']:.2f}x official float32 "
