@@ -7,8 +7,9 @@ For each model family this builds the official model with the official ``hubconf
 weights, seeded), saves its ``state_dict`` as an official-layout ``.pth`` file, loads that file with
 ``mdetr.load(path, arch=NAME)``, runs both models in eval mode and float32 on the same padded image batch
 and captions (the official model in its two stages, ``encode_and_save`` then decode; the segmentation model
-in one call), and reports the largest absolute difference of every output. Exit status 1 when one exceeds
-``--tolerance``.
+in one call), and reports the largest absolute difference of every output; then once more in float64
+(copies of both models, widened exactly), where functions that are the same agree to float64 rounding.
+Exit status 1 when a float32 difference exceeds ``--tolerance``.
 
 Requirements, none of which this package depends on: a checkout of ashkamath/mdetr, ``torchvision`` and
 ``timm`` importable next to ``torch`` (timm 0.4.x: from 0.6 on, timm fuses batch norm and activation and the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import platform
@@ -305,11 +307,18 @@ def run_family(family: Family, official: dict[str, object], text_encoders: dict[
         our_detr = ours.detr if family.segmentation else ours
         ours_bb, theirs_bb = backbone_diagnostics(official_detr.backbone, our_detr.backbone, samples, images,
                                                   masks)
+        # The same in float64 (copies, weights and inputs widened exactly): what is left is float64 rounding
+        # where the two compute the same function, while the float32 differences above are float32 rounding.
+        wide = images.double()
+        wide_reference, _ = official_outputs(copy.deepcopy(theirs).double(), nested_tensor(wide, masks),
+                                             captions, segmentation)
+        wide_outputs, _ = our_outputs(copy.deepcopy(ours).double(), wide, masks, captions, segmentation)
     return {
         "arch": family.arch,
         "text_encoder": folder,
         "captions": captions,
         "outputs": compare(outputs, reference),
+        "outputs_float64": compare(wide_outputs, wide_reference),
         "diagnostics": compare({**diagnostics, **ours_bb}, {**reference_diag, **theirs_bb}),
         "forward_seconds": round(seconds, 1),  # both models, one batch
     }
@@ -352,14 +361,15 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def summary_table(results: dict[str, dict]) -> str:
-    """A Markdown table, family x output group -> largest absolute difference ('-': no such output)."""
+def summary_table(results: dict[str, dict], key: str = "outputs") -> str:
+    """A Markdown table, family x output group -> largest absolute difference ('-': no such output), of
+    the float32 comparison (``key="outputs"``) or the float64 one (``"outputs_float64"``)."""
     lines = ["| family (arch) | " + " | ".join(t for t, _ in SUMMARY_COLUMNS) + " |",
              "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for name, r in results.items():
         cells = []
         for _, wanted in SUMMARY_COLUMNS:
-            diffs = [e["max_abs_diff"] for k, e in r["outputs"].items() if wanted(k)]
+            diffs = [e["max_abs_diff"] for k, e in r[key].items() if wanted(k)]
             cells.append(f"{max(diffs):.1e}" if diffs else "-")
         lines.append(f"| {name} (`{r['arch']}`) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -416,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(e["max_abs_diff"] for r in results.values() for e in r["outputs"].values())
     print("Largest |ours - official| per output, float32:\n")
     print(summary_table(results))
+    print("\nThe same in float64:\n")
+    print(summary_table(results, "outputs_float64"))
     print("\nIntermediate tensors (not outputs):\n")
     print(diagnostics_table(results))
     print(f"\nlargest output difference {worst:.2e} ({'within' if worst <= args.tolerance else 'ABOVE'} "

@@ -40,6 +40,22 @@ def test_folding_a_resnet_keeps_its_features() -> None:
         torch.testing.assert_close(folded[name], value, rtol=1e-4, atol=1e-4)
 
 
+def test_folding_is_exact_arithmetic_in_float64() -> None:
+    """In float64 the folded network agrees with the original to float64 rounding: the fold is the same
+    function, and the float32 differences above are rounding only (a wrong eps or shift would show here)."""
+    torch.manual_seed(0)
+    body = build_resnet_body("resnet18").double().eval()
+    _randomise_batchnorm(body, seed=2)
+    images = torch.randn(2, 3, 96, 128, dtype=torch.float64)
+    with torch.no_grad():
+        expected = body(images)
+        fold_frozen_batchnorm(body)
+        folded = body(images)
+    for name, value in expected.items():
+        assert folded[name].dtype == torch.float64
+        torch.testing.assert_close(folded[name], value, rtol=1e-11, atol=1e-11)
+
+
 @pytest.fixture(scope="module")
 def lite_model():
     """mdetr_lite with its ImageNet backbone and MiniLM (both from PyPI), transformer at random."""
@@ -66,6 +82,22 @@ def test_optimized_copy_gives_the_models_outputs(lite_model) -> None:
         expected, got = lite_model(images, masks, captions), fast(images, masks, captions)
     torch.testing.assert_close(got.pred_logits, expected.pred_logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=0, atol=1e-5)
+
+
+def test_optimized_copy_of_a_float64_model_is_exact_to_float64_rounding(lite_model) -> None:
+    """Every rewrite of the copy is exact arithmetic: in float64 (where the linear layers stay on
+    F.linear) the copy gives the model's outputs to float64 rounding."""
+    import copy
+
+    wide = copy.deepcopy(lite_model).double()
+    fast = optimize_for_inference(wide)
+    images = torch.randn(1, 3, 128, 160, dtype=torch.float64)
+    masks = torch.zeros(1, 128, 160, dtype=torch.bool)
+    with torch.no_grad():
+        expected, got = wide(images, masks, ["a red circle"]), fast(images, masks, ["a red circle"])
+    assert got.pred_logits.dtype == torch.float64
+    torch.testing.assert_close(got.pred_logits, expected.pred_logits, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=0, atol=1e-10)
 
 
 def test_predictor_results_do_not_depend_on_the_optimisation(lite_model) -> None:
