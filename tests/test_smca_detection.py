@@ -11,7 +11,8 @@ from mdetr.config import ConfigError, LossConfig, ModelConfig, load_config
 from mdetr.data.coco_detection import CocoDetection, collate_detection
 from mdetr.data.errors import DataError
 from mdetr.data.shapes import SHAPES, detection_categories, export_detection, generate_shapes
-from mdetr.engine.detection import build_detection, evaluate_detection, resolve_classes
+from mdetr.engine.detection import DetectionTask, build_detection, evaluate_detection, resolve_classes
+from mdetr.engine.distributed import DistributedContext, shard_indices
 from mdetr.eval import CocoBoxEvaluator
 from mdetr.inference.detection import post_process_detection
 from mdetr.losses.criterion import total_loss
@@ -218,6 +219,36 @@ def test_multiscale_detector_overfits_a_batch(detection_shapes, tmp_path):
     assert losses[-1] < 0.9 * losses[0], losses
     metrics = evaluate_detection(model, [batch], dataset.ground_truth)
     assert 0.0 <= metrics["box_ap"]["AP"] <= 1.0
+
+
+def test_validation_split_over_processes_scores_as_one(detection_shapes, tmp_path):
+    """What ``mdetr train`` does under torchrun: each process predicts its shard, rank 0 scores the merged
+    predictions; that equals evaluating the whole split in one process."""
+    from torch.utils.data import DataLoader, Subset
+
+    config = load_config(None, _tiny_detection_overrides(detection_shapes, tmp_path), task="detection")
+    task = DetectionTask()
+    torch.manual_seed(0)
+    model, _, _ = task.build(config)
+    model.eval()
+    dataset = task.dataset(config, "val", model)
+    cpu = torch.device("cpu")
+
+    def loader(indices):
+        collate = task.collate(config, "val")
+        return DataLoader(Subset(dataset, list(indices)), batch_size=2, collate_fn=collate)
+
+    whole = task.evaluate(config, model, loader(range(len(dataset))), dataset, device=cpu)
+    ranks = [DistributedContext(rank=r, world_size=2) for r in range(2)]
+    shards = [task.predict(model, loader(shard_indices(len(dataset), ctx)), device=cpu) for ctx in ranks]
+    assert all(shards) and not set(shards[0]) & set(shards[1])
+    merged = {**shards[0], **shards[1]}
+    assert sorted(merged) == sorted(image["id"] for image in dataset.ground_truth["images"])
+    together = task.predict(model, loader(range(len(dataset))), device=cpu)
+    for image_id, prediction in together.items():  # the same detections, image by image
+        for key, value in prediction.items():
+            torch.testing.assert_close(merged[image_id][key], value)
+    assert task.score(config, dataset, merged) == whole
 
 
 def test_cli_trains_evaluates_and_predicts_a_detector(detection_shapes, tmp_path, capsys):

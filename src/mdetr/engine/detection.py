@@ -94,12 +94,18 @@ def predict_detections(model: nn.Module, loader: Iterable[Batch], *, device: str
     return results
 
 
+def score_detections(ground_truth: Any, predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """``{"box_ap": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}}``: COCO AP with categories of
+    :func:`predict_detections`' output."""
+    evaluator = CocoBoxEvaluator(ground_truth, class_agnostic=False)
+    evaluator.update(predictions)
+    return {"box_ap": evaluator.summarize()}
+
+
 def evaluate_detection(model: nn.Module, loader: Iterable[Batch], ground_truth: Any, *,
                        device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
-    """``{"box_ap": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}}``: COCO AP with categories."""
-    evaluator = CocoBoxEvaluator(ground_truth, class_agnostic=False)
-    evaluator.update(predict_detections(model, loader, device=device, progress=progress))
-    return {"box_ap": evaluator.summarize()}
+    """:func:`score_detections` of the model's predictions on ``loader``."""
+    return score_detections(ground_truth, predict_detections(model, loader, device=device, progress=progress))
 
 
 def format_detection_metrics(metrics: dict[str, Any]) -> str:
@@ -132,6 +138,16 @@ class DetectionTask:
     def evaluate(self, config: Config, model: nn.Module, loader: Iterable[Batch], dataset: CocoDetection, *,
                  device: torch.device) -> dict[str, Any]:
         return evaluate_detection(model, loader, dataset.ground_truth, device=device)
+
+    def predict(self, model: nn.Module, loader: Iterable[Batch], *,
+                device: torch.device) -> dict[int, dict[str, torch.Tensor]]:
+        """The first half of :meth:`evaluate` (under torchrun each process predicts its share)."""
+        return predict_detections(model, loader, device=device)
+
+    def score(self, config: Config, dataset: CocoDetection,
+              predictions: dict[int, dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """The second half of :meth:`evaluate`, on the predictions gathered from every process."""
+        return score_detections(dataset.ground_truth, predictions)
 
     def headline(self, summaries: dict[str, Any]) -> tuple[str, float]:
         return "AP", float(summaries["box_ap"]["AP"])
