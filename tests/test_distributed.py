@@ -228,6 +228,7 @@ def test_compile_keeps_state_dict_keys_and_outputs():
 
 @pytest.mark.parametrize("override, message", [
     ("train.accumulate_steps=0", "accumulate_steps"),
+    ("train.dist_timeout_minutes=0", "dist_timeout_minutes"),
     ("train.amp=fp8", "'none', 'bf16' or 'fp16'"),
     ("data.persistent_workers=true", "num_workers"),
 ])

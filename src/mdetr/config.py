@@ -373,6 +373,10 @@ class TrainConfig:
     ema_decay: float = 0.9998
     seed: int = 42
     device: str = "cpu"
+    # Under torchrun: how long a rank waits at a collective for the others (rank 0 alone scores the
+    # validation set and writes checkpoints meanwhile) before the job fails; torch's own default is 10
+    # minutes for NCCL.
+    dist_timeout_minutes: float = 60.0
     output_dir: str = "runs/train"
     eval_every: int = 1
     # Also keep a copy of the checkpoint as epoch_NNNN/ every this many epochs (0: only last/ and best/).
@@ -408,6 +412,8 @@ class TrainConfig:
             raise ConfigError(f"train.amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.accumulate_steps < 1:
             raise ConfigError(f"train.accumulate_steps must be at least 1, got {self.accumulate_steps}")
+        if not self.dist_timeout_minutes > 0:
+            raise ConfigError(f"train.dist_timeout_minutes must be positive, got {self.dist_timeout_minutes}")
         if self.schedule_clock not in ("steps", "minutes"):
             raise ConfigError(f"train.schedule_clock must be steps or minutes, got {self.schedule_clock!r}")
         if self.schedule_clock == "minutes" and self.max_minutes <= 0:

@@ -105,7 +105,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          has_gauss, cached_gauss))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        # A checkpoint from a node with more GPUs than this one: the states of the devices present.
+        for index, saved in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.tensor(saved, dtype=torch.uint8), device=index)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ What the training loop needs from the group, each in one place here:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -73,7 +74,8 @@ def _env_int(name: str) -> int:
 
 
 def _process_device(device: str, local_rank: int, world_size: int) -> torch.device:
-    """The device of this process: ``cuda`` becomes ``cuda:<LOCAL_RANK>`` when there are several processes."""
+    """The device of this process: ``cuda`` becomes ``cuda:<LOCAL_RANK>`` when there are several processes,
+    and the current CUDA device (``cuda:0`` unless set otherwise) for one."""
     chosen = torch.device(device)
     if chosen.type != "cuda":
         return chosen
@@ -86,15 +88,19 @@ def _process_device(device: str, local_rank: int, world_size: int) -> torch.devi
                 "most one process per GPU (torchrun --nproc-per-node)"
             )
         chosen = torch.device("cuda", local_rank)
+    elif chosen.index is None:  # set_device needs an index
+        chosen = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(chosen)
     return chosen
 
 
-def init_distributed(device: str) -> DistributedContext:
+def init_distributed(device: str, *, timeout_minutes: float | None = None) -> DistributedContext:
     """Join the process group ``torchrun`` describes in the environment, or run alone without one.
 
     An already initialised group (a caller set it up) is used as it is. The backend is NCCL for CUDA
-    devices and gloo otherwise.
+    devices and gloo otherwise. ``timeout_minutes`` bounds how long a collective waits for the other ranks
+    before the job fails (torch's default, 10 minutes for NCCL, when None): rank 0 alone scores the
+    validation predictions and writes checkpoints while the others wait at their next collective.
     """
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -117,6 +123,8 @@ def init_distributed(device: str) -> DistributedContext:
     chosen = _process_device(device, local, world)
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {"device_id": chosen} if chosen.type == "cuda" else {}
+    if timeout_minutes is not None:
+        kwargs["timeout"] = datetime.timedelta(minutes=timeout_minutes)
     dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return DistributedContext(rank, world, local, chosen, owns_group=True)
 

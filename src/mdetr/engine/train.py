@@ -208,7 +208,7 @@ def train(config: Config, *, resume: str | Path | None = None, progress: bool = 
     (:mod:`mdetr.engine.distributed`), each on ``data.batch_size`` images per micro-batch; rank 0 alone
     prints, logs and writes checkpoints.
     """
-    ctx = init_distributed(config.train.device)
+    ctx = init_distributed(config.train.device, timeout_minutes=config.train.dist_timeout_minutes)
     try:
         return _train(config, ctx, resume=resume, progress=progress and ctx.is_main,
                       echo=echo if ctx.is_main else _silent)

@@ -22,7 +22,7 @@ def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, T
     """
     prob = outputs.pred_logits.float().softmax(-1)  # (B, Q, S)
     scores = 1 - prob[..., -1]
-    h, w = target_sizes.float().unbind(-1)
+    h, w = target_sizes.to(outputs.pred_boxes.device).float().unbind(-1)  # sizes usually come on the CPU
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
     boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
     results = [

@@ -113,9 +113,10 @@ class TextFeatureCache:
     Only valid while the encoder computes a fixed function: frozen (no parameter needs a gradient, or
     gradients are off) and in eval mode (no dropout); :meth:`usable` checks both, and callers encode as
     usual when it says no. Entries are keyed by caption and by the autocast dtype in force, so float32 and
-    bf16 features are never mixed. Each entry holds the caption's unpadded (length, hidden) states;
-    ``max_entries`` bounds the cache (least recently used first out), ``None`` keeps everything (a training
-    set's captions: about 1.5 kB per token for a 384-wide encoder in float32).
+    bf16 features are never mixed. Each entry holds the caption's unpadded (length, hidden) states, in host
+    memory whatever the model's device (a batch's rows are copied to it); ``max_entries`` bounds the cache
+    (least recently used first out), ``None`` keeps everything (a training set's captions: about 1.5 kB per
+    token for a 384-wide encoder in float32).
     """
 
     def __init__(self, max_entries: int | None = None) -> None:
@@ -155,7 +156,7 @@ class TextFeatureCache:
             with torch.no_grad():
                 hidden = encoder(**subset).last_hidden_state
             for row, i in enumerate(missing):
-                self._entries[keys[i]] = hidden[row, : lengths[i]].clone()
+                self._entries[keys[i]] = hidden[row, : lengths[i]].to("cpu", copy=True)
         states = [self._entries[key] for key in keys]
         for key in keys:
             self._entries.move_to_end(key)
@@ -165,4 +166,4 @@ class TextFeatureCache:
         out = states[0].new_zeros(len(states), mask.shape[1], states[0].shape[-1])
         for row, state in enumerate(states):
             out[row, : state.shape[0]] = state
-        return out
+        return out.to(mask.device)
