@@ -118,6 +118,22 @@ def test_losses_finite_with_gradients_and_aux_keys():
     assert out.pred_boxes.grad.abs().sum() > 0
 
 
+def test_diverged_predictions_do_not_stop_training():
+    """NaN boxes (fp16 overflow, a diverged step) raise nothing: the matcher takes a NaN query last, so
+    with two of four queries NaN the two targets go to the others and the losses stay finite; with every
+    query NaN the box losses are NaN, which the training loop counts and skips."""
+    criterion = build_criterion(LossConfig(), num_token_slots=8)
+    out = _outputs(aux=0)
+    with torch.no_grad():
+        out.pred_boxes[0, :2] = float("nan")
+    losses = criterion(out, _targets())
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        out.pred_boxes[0] = float("nan")
+    losses = criterion(out, _targets())
+    assert torch.isnan(losses["loss_bbox"]) and torch.isnan(losses["loss_giou"])
+
+
 def test_perfect_boxes_give_zero_box_losses():
     criterion = build_criterion(LossConfig(), num_token_slots=8)
     out = _outputs(batch=1, aux=0)

@@ -50,11 +50,13 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise generalised IoU (Rezatofighi et al. 2019) of xyxy boxes: (N, 4) x (M, 4) -> (N, M).
 
-    Degenerate boxes (x1 < x0 or y1 < y0) give infinities and NaNs, so they are rejected up front.
+    Inverted boxes (x1 < x0 or y1 < y0) give infinities and NaNs, so they are rejected up front. NaN
+    coordinates (a diverged prediction) give NaN, so that the loss is non-finite and training skips the
+    step, instead of an error.
     """
-    if not (boxes1[:, 2:] >= boxes1[:, :2]).all():
+    if (boxes1[:, 2:] < boxes1[:, :2]).any():
         raise ValueError("generalized_box_iou: boxes1 has x1 < x0 or y1 < y0")
-    if not (boxes2[:, 2:] >= boxes2[:, :2]).all():
+    if (boxes2[:, 2:] < boxes2[:, :2]).any():
         raise ValueError("generalized_box_iou: boxes2 has x1 < x0 or y1 < y0")
     iou, union = box_iou(boxes1, boxes2)
     lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
