@@ -382,6 +382,41 @@ def test_conv2d_same_pads_like_tensorflow() -> None:
     assert conv(x).shape[-2:] == (3, 4)
 
 
+def _same_by_padded_copy(conv: Conv2dSame, x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow "SAME" the direct way: pad a copy of x (total // 2 before, the rest after), convolve."""
+    pads = []
+    for size, kernel, stride in zip(x.shape[-2:], conv.kernel_size, conv.stride, strict=True):
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    (top, bottom), (left, right) = pads[:2], pads[2:]
+    return F.conv2d(F.pad(x, [left, right, top, bottom]), conv.weight, conv.bias, conv.stride, 0, 1,
+                    conv.groups)
+
+
+@pytest.mark.parametrize("kernel, groups", [(3, 1), (3, 4), (5, 4)])  # dense, depthwise 3x3 and 5x5
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_same_without_a_padded_copy_is_bit_identical(kernel, groups, channels_last) -> None:
+    """Every parity of height and width against padding a copy: outputs and input gradients bit for bit,
+    weight gradients (a sum over batch and positions, in another order) to float rounding."""
+    torch.manual_seed(kernel + groups)
+    conv = Conv2dSame(4, 8 if groups == 1 else 4, kernel, stride=2, groups=groups)
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last)
+    for height, width in [(16, 16), (15, 16), (16, 17), (15, 17), (2, 3)]:
+        x = torch.randn(2, 4, height, width)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_a, x_b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, expected = conv(x_a), _same_by_padded_copy(conv, x_b)
+        assert torch.equal(got, expected), (height, width)
+        weight_grads = []
+        for out, inp in ((got, x_a), (expected, x_b)):
+            grad_out = torch.linspace(-1, 1, out.numel()).view_as(out)
+            weight_grads.append(torch.autograd.grad(out, (inp, conv.weight), grad_out))
+        assert torch.equal(weight_grads[0][0], weight_grads[1][0])  # input gradient
+        torch.testing.assert_close(weight_grads[0][1], weight_grads[1][1], rtol=1e-5, atol=1e-5)
+
+
 def test_every_named_body_has_the_uniform_interface() -> None:
     assert set(BACKBONE_BODY_NAMES) == {
         "resnet18",
