@@ -78,14 +78,11 @@ def gaussian_log_weight(
     """``log G`` of SMCA Eq. 4 over an (H, W) grid.
 
     centers: (..., 2) as (c_w, c_h) in cell units; scales: (..., 2) as (s_w, s_h), broadcastable to centers.
-    Returns (..., H * W) in raster order: ``-(i - c_w)^2 / (beta s_w^2) - (j - c_h)^2 / (beta s_h^2)``, in
-    float32 at least: under fp16 autocast a far cell's term (up to grid size^2 / (beta * MIN_SCALE_SQ), over
-    10^5 on a 100-cell map) would overflow to -inf, whose gradient is NaN.
+    Returns (..., H * W) in raster order: ``-(i - c_w)^2 / (beta s_w^2) - (j - c_h)^2 / (beta s_h^2)``.
     """
-    dtype = torch.promote_types(centers.dtype, torch.float32)
-    grid = feature_grid(*grid_shape, device=centers.device).to(dtype)  # (HW, 2)
-    squared = (grid - centers.to(dtype).unsqueeze(-2)).square()  # (..., HW, 2)
-    bandwidth = beta * scales.to(dtype).square().clamp_min(MIN_SCALE_SQ)  # (..., 2)
+    grid = feature_grid(*grid_shape, device=centers.device).to(centers.dtype)  # (HW, 2)
+    squared = (grid - centers.unsqueeze(-2)).square()  # (..., HW, 2)
+    bandwidth = beta * scales.square().clamp_min(MIN_SCALE_SQ)  # (..., 2)
     return -(squared / bandwidth.unsqueeze(-2)).sum(-1)
 
 
