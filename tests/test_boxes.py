@@ -139,10 +139,12 @@ def test_giou_rejects_degenerate_boxes(bad: list[float]) -> None:
     assert torch.isfinite(generalized_box_iou(flat, good)).all()
 
 
-def test_giou_of_a_nan_box_is_nan_not_an_error() -> None:
-    """A diverged prediction: its row is NaN (the loss turns non-finite and training skips the step), the
-    other rows keep their values."""
+def test_giou_of_a_nan_prediction_is_nan_not_an_error() -> None:
+    """A diverged prediction (first argument): its row is NaN (training skips the step), the other rows
+    keep their values; a NaN target (second argument) is still an error."""
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [float("nan")] * 4])
     other = torch.tensor([[0.0, 0.0, 2.0, 1.0]])
     giou = generalized_box_iou(boxes, other)
     assert giou[0, 0].item() == pytest.approx(0.5) and math.isnan(giou[1, 0].item())
+    with pytest.raises(ValueError, match="boxes2 has non-finite"):  # a target is data, and must be valid
+        generalized_box_iou(other, boxes)

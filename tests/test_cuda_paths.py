@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mdetr.engine import checkpoint, distributed
+from mdetr.inference.detection import post_process_detection
 from mdetr.inference.postprocess import post_process
+from mdetr.models.detector import DetectionOutput
 from mdetr.models.mdetr import MDETROutput
 
 
@@ -67,3 +69,6 @@ def test_post_process_takes_sizes_from_another_device():
                           text_padding_mask=None)
     (result,) = post_process(outputs, torch.tensor([[480, 640]]))
     assert result["boxes"].device.type == "meta" and result["boxes"].shape == (3, 4)
+    detection = DetectionOutput(pred_logits=torch.zeros(1, 3, 7, device="meta"), pred_boxes=boxes)
+    (found,) = post_process_detection(detection, torch.tensor([[480, 640]]), top_k=5)
+    assert found["boxes"].device.type == "meta" and found["boxes"].shape == (5, 4)

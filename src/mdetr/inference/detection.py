@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mdetr.inference.postprocess import Grounding
+from mdetr.inference.postprocess import Grounding, pixel_boxes
 from mdetr.inference.predictor import DTYPES, ImageInput, open_image
 from mdetr.inference.processor import GroundingProcessor
 from mdetr.models.detector import DetectionOutput
-from mdetr.ops.boxes import box_cxcywh_to_xyxy
 
 # COCO scores at most 100 detections per image (COCOeval maxDets).
 DEFAULT_TOP_K = 100
@@ -31,10 +30,8 @@ def post_process_detection(outputs: DetectionOutput, target_sizes: Tensor, *,
     batch, _, num_classes = prob.shape
     scores, flat = prob.flatten(1).topk(min(top_k, prob[0].numel()), dim=1)  # (B, K)
     queries, labels = flat // num_classes, flat % num_classes
-    boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float())  # (B, Q, 4)
-    boxes = boxes.gather(1, queries[..., None].expand(-1, -1, 4))
-    h, w = target_sizes.float().unbind(-1)
-    boxes = boxes * torch.stack([w, h, w, h], dim=-1)[:, None, :]
+    boxes = outputs.pred_boxes.gather(1, queries[..., None].expand(-1, -1, 4))  # (B, K, 4)
+    boxes = pixel_boxes(boxes, target_sizes)
     return [{"scores": scores[b], "labels": labels[b], "boxes": boxes[b]} for b in range(batch)]
 
 

@@ -15,6 +15,13 @@ from mdetr.ops.masks import mask_to_rle
 
 
 @torch.no_grad()
+def pixel_boxes(boxes: Tensor, target_sizes: Tensor) -> Tensor:
+    """Normalised cxcywh ``boxes`` (B, N, 4) as float32 xyxy in the pixels of ``target_sizes`` (B, 2) given as
+    (height, width); the sizes may sit on another device (predictors build them on the CPU)."""
+    h, w = target_sizes.to(boxes.device).float().unbind(-1)
+    return box_cxcywh_to_xyxy(boxes.float()) * torch.stack([w, h, w, h], dim=-1)[:, None, :]
+
+
 def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, Tensor]]:
     """Per image: ``scores`` (Q,) = 1 - p(no object), ``boxes`` (Q, 4) xyxy in pixels of ``target_sizes``
     (B, 2) given as (height, width), and ``token_probs`` (Q, S-1) the softmax over token slots without the
@@ -22,9 +29,7 @@ def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, T
     """
     prob = outputs.pred_logits.float().softmax(-1)  # (B, Q, S)
     scores = 1 - prob[..., -1]
-    h, w = target_sizes.to(outputs.pred_boxes.device).float().unbind(-1)  # sizes usually come on the CPU
-    scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]
-    boxes = box_cxcywh_to_xyxy(outputs.pred_boxes.float()) * scale
+    boxes = pixel_boxes(outputs.pred_boxes, target_sizes)
     results = [
         {"scores": s, "boxes": b, "token_probs": p[:, :-1]}
         for s, b, p in zip(scores, boxes, prob, strict=True)

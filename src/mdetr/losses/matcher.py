@@ -57,9 +57,10 @@ class HungarianMatcher(nn.Module):
         if sum(sizes) == 0:
             return [(empty, empty) for _ in sizes]
         cost = self.cost_matrix(pred_logits, pred_boxes, torch.cat(tgt_boxes), torch.cat(tgt_tokens))
-        # A diverged prediction (NaN or infinite outputs) must not stop the solver: its step's loss is
-        # non-finite anyway and training skips it.
-        cost = cost.view(batch, num_queries, -1).cpu().nan_to_num(nan=1e9, posinf=1e9, neginf=-1e9)
+        # A diverged prediction (NaN or infinite outputs) must not stop the solver: such a query becomes
+        # the last choice; its non-finite gradients (or an all-NaN step's losses) make training skip the
+        # step.
+        cost = cost.view(batch, num_queries, -1).cpu().nan_to_num(nan=1e9, posinf=1e9, neginf=1e9)
         indices = []
         for b, block in enumerate(cost.split(sizes, dim=-1)):
             if sizes[b] == 0:

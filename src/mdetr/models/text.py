@@ -154,9 +154,9 @@ class TextFeatureCache:
             longest = max(lengths[i] for i in missing)
             subset = {name: value[missing, :longest] for name, value in inputs.items()}
             with torch.no_grad():
-                hidden = encoder(**subset).last_hidden_state
+                hidden = encoder(**subset).last_hidden_state.cpu()  # one copy to the host (none on the CPU)
             for row, i in enumerate(missing):
-                self._entries[keys[i]] = hidden[row, : lengths[i]].to("cpu", copy=True)
+                self._entries[keys[i]] = hidden[row, : lengths[i]].clone()
         states = [self._entries[key] for key in keys]
         for key in keys:
             self._entries.move_to_end(key)

@@ -51,11 +51,14 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise generalised IoU (Rezatofighi et al. 2019) of xyxy boxes: (N, 4) x (M, 4) -> (N, M).
 
     Inverted boxes (x1 < x0 or y1 < y0) give infinities and NaNs, so they are rejected up front. NaN
-    coordinates (a diverged prediction) give NaN, so that the loss is non-finite and training skips the
-    step, instead of an error.
+    coordinates in ``boxes1`` (the losses and matchers pass predictions first: a diverged step) give NaN
+    rows, which training skips as a non-finite step, instead of an error; ``boxes2`` (the targets) must be
+    finite.
     """
     if (boxes1[:, 2:] < boxes1[:, :2]).any():
         raise ValueError("generalized_box_iou: boxes1 has x1 < x0 or y1 < y0")
+    if not torch.isfinite(boxes2).all():
+        raise ValueError("generalized_box_iou: boxes2 has non-finite coordinates")
     if (boxes2[:, 2:] < boxes2[:, :2]).any():
         raise ValueError("generalized_box_iou: boxes2 has x1 < x0 or y1 < y0")
     iou, union = box_iou(boxes1, boxes2)
