@@ -247,6 +247,19 @@ def our_outputs(model: nn.Module, images: Tensor, masks: Tensor, captions: list[
     return outputs, diagnostics
 
 
+@torch.no_grad()
+def float64_outputs(theirs: nn.Module, ours: nn.Module, nested_tensor: type, images: Tensor, masks: Tensor,
+                    captions: list[str], segmentation: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Both models once more in float64 (copies; weights and inputs widened exactly): (official outputs,
+    ours). Where the two compute the same function they agree to float64 rounding; the official ones also
+    stand in for exact arithmetic when a float32 result's rounding error is measured."""
+    wide = images.double()
+    reference, _ = official_outputs(copy.deepcopy(theirs).double(), nested_tensor(wide, masks), captions,
+                                    segmentation)
+    mine, _ = our_outputs(copy.deepcopy(ours).double(), wide, masks, captions, segmentation)
+    return reference, mine
+
+
 def backbone_diagnostics(official_backbone: nn.Module, our_backbone: nn.Module, samples: object,
                          images: Tensor, masks: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The last backbone level (what ``input_proj`` reads) and its sine position embedding, both sides."""
@@ -307,12 +320,9 @@ def run_family(family: Family, official: dict[str, object], text_encoders: dict[
         our_detr = ours.detr if family.segmentation else ours
         ours_bb, theirs_bb = backbone_diagnostics(official_detr.backbone, our_detr.backbone, samples, images,
                                                   masks)
-        # The same in float64 (copies, weights and inputs widened exactly): what is left is float64 rounding
-        # where the two compute the same function, while the float32 differences above are float32 rounding.
-        wide = images.double()
-        wide_reference, _ = official_outputs(copy.deepcopy(theirs).double(), nested_tensor(wide, masks),
-                                             captions, segmentation)
-        wide_outputs, _ = our_outputs(copy.deepcopy(ours).double(), wide, masks, captions, segmentation)
+    # Float64: what is left is float64 rounding, while the float32 differences above are float32 rounding.
+    wide_reference, wide_outputs = float64_outputs(theirs, ours, nested_tensor, images, masks, captions,
+                                                   segmentation)
     return {
         "arch": family.arch,
         "text_encoder": folder,

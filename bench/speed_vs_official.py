@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import importlib
 import io
@@ -362,7 +361,7 @@ def _official_keys(out) -> dict[str, Tensor]:
     def widen(value: Tensor) -> Tensor:
         return value if value.dtype == torch.float64 else value.float()
 
-    outputs = {}
+    outputs: dict[str, Tensor] = {}
     for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens", "pred_isfinal", "pred_masks"):
         value = getattr(out, key, None)
         if value is not None:
@@ -372,21 +371,11 @@ def _official_keys(out) -> dict[str, Tensor]:
     return outputs
 
 
-@torch.no_grad()
 def float64_reference(theirs: nn.Module, ours: nn.Module, inputs: Inputs) -> tuple[dict[str, Tensor], dict]:
-    """Both models evaluated once in float64 (copies; same weights and inputs, widened exactly).
-
-    Returns the official float64 outputs, which stand in for exact arithmetic when each float32 row's
-    rounding error is measured, and a summary with how far our float64 outputs are from them (the two
-    implementations compute the same function when that is at float64 rounding level).
-    """
-    samples = type(inputs.samples)(inputs.images.double(), inputs.masks)
-    wide = copy.deepcopy(theirs).double()
-    reference = co.official_outputs(wide, samples, inputs.captions, False)[0]
-    del wide
-    wide = copy.deepcopy(ours).double()
-    mine = _official_keys(wide(inputs.images.double(), inputs.masks, inputs.captions))
-    del wide
+    """:func:`compare_official.float64_outputs` on the benchmark batch: the official float64 outputs (the
+    stand-in for exact arithmetic) and how far our float64 outputs are from them."""
+    reference, mine = co.float64_outputs(theirs, ours, type(inputs.samples), inputs.images, inputs.masks,
+                                         inputs.captions, False)
     gc.collect()
     return reference, {"ours_float64_vs_official_float64": output_diffs(mine, reference)}
 
@@ -823,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     repo = args.official_repo.expanduser().resolve()
     args.official_repo = repo
     official = load_official_modules(repo)
+    env = environment(repo, args.threads)  # before the runs: its load average is the one at the start
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(
             tempfile.TemporaryDirectory(prefix="speed_vs_official_")))
@@ -831,7 +821,9 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         results = {name: run_family(name, SETUPS[name], official, encoders, workdir, args)
                    for name in args.families}
-    document = {"environment": environment(repo, args.threads), "tolerance": args.tolerance,
+    skipped = [part for part in ("inference", "train", "memory") if getattr(args, f"skip_{part}")]
+    document = {"environment": env, "seed": args.seed, "families_run": args.families, "skipped": skipped,
+                "tolerance": args.tolerance,
                 "warmup": args.warmup, "repeats": args.repeats, "train_warmup": args.train_warmup,
                 "train_repeats": args.train_repeats, "seconds": round(time.perf_counter() - started, 1),
                 "load_average_at_end": os.getloadavg(), "families": results}
