@@ -37,17 +37,20 @@ from mdetr.ops.boxes import box_iou, box_xywh_to_xyxy, generalized_box_iou
 
 
 def expressions(annotations: dict, dataset_name: str) -> list[tuple[str, str, list[float]]]:
-    """(file name, caption, referred xywh box) for every image entry of ``dataset_name``."""
-    referred: dict[int, list[float]] = {}
+    """(file name, caption, referred xywh box) for every image entry of ``dataset_name``; each must have
+    exactly one annotation, the referred box (as ``RefExpEvaluator`` requires)."""
+    referred: dict[int, list[list[float]]] = {}
     for ann in annotations["annotations"]:
-        referred.setdefault(ann["image_id"], ann["bbox"])
+        referred.setdefault(ann["image_id"], []).append(ann["bbox"])
     found = []
     for image in annotations["images"]:
         if image.get("dataset_name") != dataset_name:
             continue
-        if image["id"] not in referred:
-            raise ValueError(f"image entry {image['id']} ({image['file_name']}) has no annotation")
-        found.append((image["file_name"], image["caption"], referred[image["id"]]))
+        boxes = referred.get(image["id"], [])
+        if len(boxes) != 1:
+            raise ValueError(f"image entry {image['id']} ({image['file_name']}) has {len(boxes)} "
+                             "annotations; a referring expression has exactly one")
+        found.append((image["file_name"], image["caption"], boxes[0]))
     return found
 
 

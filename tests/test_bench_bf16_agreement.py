@@ -88,6 +88,7 @@ def test_precision_at_1_uses_each_expressions_own_top_box(bench, tiny_checkpoint
     captions = [caption for _, caption, _ in items]
     assert len(set(captions)) == len(captions)
     n = len(items)
+    assert n >= 2
     placed = Placed.from_checkpoint(tiny_checkpoint)
     placed.boxes = {c: [(k + 0.5) / n, 0.5, 0.5 / n, 0.5] for k, c in enumerate(captions)}
 
@@ -99,8 +100,25 @@ def test_precision_at_1_uses_each_expressions_own_top_box(bench, tiny_checkpoint
     for k, (file_name, caption, _) in enumerate(items):
         size = open_image(root / file_name).size
         crafted.append((file_name, caption, pixels(k if k % 2 == 0 else k + 1, *size)))
-    expected = 100 * len(range(0, n, 2)) / n
+    hits = len(range(0, n, 2))
     for batch_size in (1, 2, 3):
         report = bench.compare({"float32": placed, "bfloat16": placed}, crafted, root, batch_size=batch_size,
                                confident=0.5)
-        assert report["precision_at_1"] == pytest.approx({"float32": expected, "bfloat16": expected})
+        assert report["precision_at_1"] == pytest.approx({"float32": 100 * hits / n,
+                                                          "bfloat16": 100 * hits / n})
+    # The second predictor puts each caption on the next caption's box: every float32 hit is a bf16 miss
+    # and every float32 miss (referred box: the next one) a bf16 hit; no top box overlaps.
+    moved = Placed.from_checkpoint(tiny_checkpoint)
+    moved.boxes = {c: placed.boxes[captions[(k + 1) % n]] for k, c in enumerate(captions)}
+    report = bench.compare({"float32": placed, "bfloat16": moved}, crafted, root, batch_size=2, confident=0.5)
+    assert report["precision_at_1"] == pytest.approx({"float32": 100 * hits / n,
+                                                      "bfloat16": 100 * (n - hits) / n})
+    assert report["top_query"]["hit_to_miss"] == hits and report["top_query"]["miss_to_hit"] == n - hits
+    assert report["top_query"]["boxes_overlap_iou_0.5"] == 0
+
+
+def test_an_expression_without_exactly_one_box_is_refused(bench) -> None:
+    data = {"images": [{"id": 1, "file_name": "a.png", "caption": "a red circle", "dataset_name": "x"}],
+            "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1]}, {"image_id": 1, "bbox": [1, 1, 1, 1]}]}
+    with pytest.raises(ValueError, match=r"image entry 1 \(a.png\) has 2 annotations"):
+        bench.expressions(data, "x")
