@@ -115,6 +115,11 @@ def test_precision_at_1_uses_each_expressions_own_top_box(bench, tiny_checkpoint
                                                       "bfloat16": 100 * (n - hits) / n})
     assert report["top_query"]["hit_to_miss"] == hits and report["top_query"]["miss_to_hit"] == n - hits
     assert report["top_query"]["boxes_overlap_iou_0.5"] == 0
+    # One that misses everything (a box in a corner no referred box reaches): float32's hits all flip.
+    moved.boxes = {c: [0.02, 0.02, 0.01, 0.01] for c in captions}
+    report = bench.compare({"float32": placed, "bfloat16": moved}, crafted, root, batch_size=3, confident=0.5)
+    assert report["precision_at_1"]["bfloat16"] == 0.0
+    assert report["top_query"]["hit_to_miss"] == hits and report["top_query"]["miss_to_hit"] == 0
 
 
 def test_an_expression_without_exactly_one_box_is_refused(bench) -> None:
