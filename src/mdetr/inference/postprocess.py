@@ -14,7 +14,6 @@ from mdetr.ops.boxes import box_cxcywh_to_xyxy
 from mdetr.ops.masks import mask_to_rle
 
 
-@torch.no_grad()
 def pixel_boxes(boxes: Tensor, target_sizes: Tensor) -> Tensor:
     """Normalised cxcywh ``boxes`` (B, N, 4) as float32 xyxy in the pixels of ``target_sizes`` (B, 2) given as
     (height, width); the sizes may sit on another device (predictors build them on the CPU)."""
@@ -22,6 +21,7 @@ def pixel_boxes(boxes: Tensor, target_sizes: Tensor) -> Tensor:
     return box_cxcywh_to_xyxy(boxes.float()) * torch.stack([w, h, w, h], dim=-1)[:, None, :]
 
 
+@torch.no_grad()
 def post_process(outputs: MDETROutput, target_sizes: Tensor) -> list[dict[str, Tensor]]:
     """Per image: ``scores`` (Q,) = 1 - p(no object), ``boxes`` (Q, 4) xyxy in pixels of ``target_sizes``
     (B, 2) given as (height, width), and ``token_probs`` (Q, S-1) the softmax over token slots without the
