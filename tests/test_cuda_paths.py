@@ -63,13 +63,13 @@ def test_cuda_rng_states_of_a_bigger_node_restore_on_the_devices_present(fake_cu
 
 def test_post_process_takes_sizes_from_another_device():
     """Predictors build the original image sizes on the CPU while the model's outputs sit on the GPU."""
-    logits = torch.zeros(1, 3, 5, device="meta")
+    logits = torch.zeros(1, 3, 5, device="meta", requires_grad=True)
     boxes = torch.zeros(1, 3, 4, device="meta", requires_grad=True)
     outputs = MDETROutput(pred_logits=logits, pred_boxes=boxes, proj_queries=None, proj_tokens=None,
                           text_padding_mask=None)
     (result,) = post_process(outputs, torch.tensor([[480, 640]]))
     assert result["boxes"].device.type == "meta" and result["boxes"].shape == (3, 4)
-    assert not result["boxes"].requires_grad  # post-processing records no graph
+    assert not result["boxes"].requires_grad and not result["scores"].requires_grad  # no graph recorded
     detection = DetectionOutput(pred_logits=torch.zeros(1, 3, 7, device="meta"), pred_boxes=boxes)
     (found,) = post_process_detection(detection, torch.tensor([[480, 640]]), top_k=5)
     assert found["boxes"].device.type == "meta" and found["boxes"].shape == (5, 4)
