@@ -356,8 +356,8 @@ class TrainConfig:
     # on AMD Zen 5; on Intel processors, where MKL uses AVX-512, expect little difference (not measured).
     onednn_linear: bool = True
     # With model.freeze_text_encoder: encode each distinct caption once and reuse the text encoder's output
-    # in later epochs (the same function up to float rounding; memory grows with the captions' tokens,
-    # about 1.5 kB per token for MiniLM, 3 kB for RoBERTa-base).
+    # in later epochs (the same function up to float rounding; host memory, whatever the device, grows with
+    # the captions' tokens: about 1.5 kB per token for MiniLM, 3 kB for RoBERTa-base).
     cache_text_features: bool = False
     # "step": x0.1 at lr_drop; "linear_with_warmup": the official default (step for the main and backbone
     # groups, linear warm-up then linear decay for the text encoder); "all_linear_with_warmup": linear for
