@@ -237,6 +237,12 @@ def our_outputs(model: nn.Module, images: Tensor, masks: Tensor, captions: list[
         cache = model.encode(images, masks, captions)
         out = model.decode(cache)
         diagnostics["memory"] = cache.memory
+    return official_keys(out), diagnostics
+
+
+def official_keys(out: object) -> dict[str, Tensor]:
+    """The tensors of our model output (``MDETROutput`` or the segmentation output) under the official
+    output keys."""
     outputs = {}
     for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens", "pred_isfinal", "pred_masks"):
         value = getattr(out, key, None)
@@ -244,7 +250,7 @@ def our_outputs(model: nn.Module, images: Tensor, masks: Tensor, captions: list[
             outputs[key] = value
     for name, value in out.qa.items():
         outputs[f"pred_{name}"] = value
-    return outputs, diagnostics
+    return outputs
 
 
 @torch.no_grad()

@@ -356,19 +356,9 @@ def official_thread_spread(run: Callable[[], dict[str, Tensor]], reference: dict
 
 
 def _official_keys(out) -> dict[str, Tensor]:
-    """Our MDETROutput under the official output keys (as compare_official.our_outputs), in float32 (or
-    float64 for a float64 model)."""
-    def widen(value: Tensor) -> Tensor:
-        return value if value.dtype == torch.float64 else value.float()
-
-    outputs: dict[str, Tensor] = {}
-    for key in ("pred_logits", "pred_boxes", "proj_queries", "proj_tokens", "pred_isfinal", "pred_masks"):
-        value = getattr(out, key, None)
-        if value is not None:
-            outputs[key] = widen(value)
-    for name, value in out.qa.items():
-        outputs[f"pred_{name}"] = widen(value)
-    return outputs
+    """Our MDETROutput under the official output keys (:func:`compare_official.official_keys`), in
+    float32 (bf16 rows widened)."""
+    return {key: value.float() for key, value in co.official_keys(out).items()}
 
 
 def float64_reference(theirs: nn.Module, ours: nn.Module, inputs: Inputs) -> tuple[dict[str, Tensor], dict]:
