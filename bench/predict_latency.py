@@ -10,7 +10,9 @@ percentile latency per call and the throughput (batch / median latency). The ONN
 (dynamic image size and text length) unless ``--onnx`` names an exported file; its largest absolute
 difference from PyTorch float32 on the benchmark batch is recorded beside its timings. The PyTorch backends
 run the Predictor as users get it (backbone batch norms folded, channels-last: mdetr.inference.optimize);
-``float32_plain`` runs the unmodified model for comparison.
+``float32_plain`` runs the unmodified model for comparison; ``float32_compiled`` and ``bfloat16_compiled``
+the Predictor with ``compile=True`` (``torch.compile`` with frozen weights), whose compilation happens in
+the warm-up calls: each row records how long its first call took.
 
 Beside the timings stand the model's FLOPs per image at each size (counted by
 ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass: matrix multiplies, convolutions and
@@ -48,8 +50,9 @@ from mdetr.registry import get_arch_config
 
 CAPTION = "the small red circle left of the blue square"
 # "float32_plain": the model as trained, without the inference rewrites of mdetr.inference.optimize
-# (folded batch norms, channels-last backbone) that the Predictor applies by default.
-BACKENDS = ("float32", "bfloat16", "onnx", "float32_plain")
+# (folded batch norms, channels-last backbone) that the Predictor applies by default; "*_compiled": the
+# Predictor's copy also compiled (Predictor(compile=True)).
+BACKENDS = ("float32", "bfloat16", "onnx", "float32_plain", "float32_compiled", "bfloat16_compiled")
 
 PredictFn = Callable[[list[Image.Image], list[str]], list]
 
@@ -72,9 +75,9 @@ def build_benchmark_model(checkpoint: str | None) -> torch.nn.Module:
 
 
 def torch_predictor(model: torch.nn.Module, size: int, backend: str, threshold: float) -> PredictFn:
-    dtype = "float32" if backend == "float32_plain" else backend
-    predictor = Predictor(model, image_size=size, max_size=2 * size, dtype=dtype,
-                          optimize=backend != "float32_plain")
+    dtype, _, variant = backend.partition("_")
+    predictor = Predictor(model, image_size=size, max_size=2 * size, dtype=dtype, optimize=variant != "plain",
+                          compile=variant == "compiled")
     return lambda images, texts: predictor.predict_batch(images, texts, threshold=threshold)
 
 
@@ -92,16 +95,19 @@ def onnx_predictor(onnx_model: OnnxGroundingModel, processor: GroundingProcessor
 
 
 def time_calls(predict: PredictFn, images: list[Image.Image], texts: list[str], *, warmup: int,
-               runs: int) -> list[float]:
-    """Wall-clock seconds of ``runs`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
+               runs: int) -> tuple[list[float], float]:
+    """Wall-clock seconds of ``runs`` calls after ``warmup`` untimed ones, and of the first call."""
+    start = time.perf_counter()
+    predict(images, texts)
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         predict(images, texts)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         predict(images, texts)
         times.append(time.perf_counter() - start)
-    return times
+    return times, first
 
 
 def summarise(times: list[float], batch: int) -> dict[str, float]:
@@ -176,7 +182,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--runs", type=int, default=30, help="timed calls per setting")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (at least one is made)")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and onnxruntime")
     parser.add_argument("--image-size", default="640x480", help="source picture WIDTHxHEIGHT before resizing")
     parser.add_argument("--threshold", type=float, default=0.5)
@@ -230,11 +236,12 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 predict = torch_predictor(model, size, backend, args.threshold)
             for batch in args.batch_sizes:
-                times = time_calls(predict, [image] * batch, [CAPTION] * batch, warmup=args.warmup,
-                                   runs=args.runs)
-                row = {"backend": backend, "short_side": size, "batch": batch, **summarise(times, batch)}
+                times, first = time_calls(predict, [image] * batch, [CAPTION] * batch,
+                                          warmup=max(args.warmup, 1), runs=args.runs)
+                row = {"backend": backend, "short_side": size, "batch": batch, **summarise(times, batch),
+                       "first_call_s": round(first, 3)}
                 # Fraction of the matrix-multiply rate of the precision the backend computes in.
-                rate = rates["bfloat16" if backend == "bfloat16" else "float32"]
+                rate = rates["bfloat16" if backend.startswith("bfloat16") else "float32"]
                 row["fraction_of_matmul_rate"] = flops[size] * row["images_per_s"] / (rate * 1e9)
                 rows.append(row)
                 print(f"{backend:>8} {size:4d}px batch {batch}: median {row['median_ms']:.1f} ms, "

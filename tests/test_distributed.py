@@ -31,12 +31,12 @@ from mdetr.engine.distributed import DistributedContext, init_distributed, shard
 from mdetr.engine.train import (
     GroundingTask,
     accumulate_gradients,
-    compile_submodules,
     data_parallel,
     seed_everything,
     train,
 )
 from mdetr.losses.criterion import total_loss
+from mdetr.models.compile import compile_submodules
 from mdetr.ops.linear import onednn_linear_layers
 
 LR = 0.5

@@ -1,6 +1,7 @@
 """Processor, grounded-detection post-processing, class-name detection and the predict command."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -268,6 +269,34 @@ def test_cli_predict_classes_batches_coco_and_token_maps(trained, val_images, tm
         for detection in record["detections"]:
             with Image.open(detection["token_map"]) as chart:
                 assert chart.width > 100 and chart.height > 100
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU code generation needs a C++ compiler")
+def test_cli_predict_compiled_bf16_matches_eager_bf16(trained, val_images, tmp_path, monkeypatch):
+    """``--compile`` with bf16 compiles the backbone, text encoder, encoder and decoder (fused and packed
+    for oneDNN); its predictions stay within bf16 rounding of the eager bf16 copy's."""
+    import mdetr.inference.optimize as optimize
+
+    compiled_names = []
+    original = optimize.compile_frozen
+    monkeypatch.setattr(optimize, "compile_frozen",
+                        lambda model, **kw: compiled_names.extend(original(model, **kw)) or compiled_names)
+    records = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / (flag[0][2:] if flag else "eager")
+        assert main(["predict", str(trained), "--image", *map(str, val_images[:2]), "--text",
+                     "the red circle", "--threshold", "0", "--top-k", "3", "--dtype", "bfloat16",
+                     "--output-dir", str(out), *flag]) == 0
+        records[out.name] = json.loads((out / "predictions.json").read_text())
+    assert compiled_names == ["backbone", "transformer.text_encoder", "transformer.encoder",
+                              "transformer.decoder"]
+    for eager, compiled in zip(records["eager"], records["compile"], strict=True):
+        assert eager["image"] == compiled["image"]
+        boxes = [torch.tensor([d["box_xyxy"] for d in r["detections"]]) for r in (eager, compiled)]
+        scores = [torch.tensor([d["score"] for d in r["detections"]]) for r in (eager, compiled)]
+        torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=0.01)
+        torch.testing.assert_close(boxes[1], boxes[0], rtol=0, atol=1.5)  # pixels of a 128 px image
 
 
 def test_cli_predict_text_batches_and_needs_text_or_classes(trained, val_images, tmp_path, capsys):

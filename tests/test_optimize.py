@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,37 @@ def test_bf16_copy_stores_weights_in_bf16_and_computes_the_same_numbers(lite_mod
     with torch.no_grad(), pytest.raises(RuntimeError):  # only for autocast: alone it mixes dtypes
         fast(images, masks, captions)
 
+
+
+def _ran(profile, name: str) -> int:
+    return sum(event.count for event in profile.key_averages() if event.key == name)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU code generation needs a C++ compiler")
+def test_compiled_copy_runs_fused_packed_convolutions_with_the_same_outputs(lite_model) -> None:
+    """``compile=True``: inductor's freezing pass is on at the call (convolutions run as oneDNN's packed,
+    fused ``_convolution_pointwise``, none through ``aten::convolution``), the global inductor flag is left
+    as it was, and float32 outputs equal the eager copy's (folded batch norms leave only exact ReLUs and
+    sums to fuse)."""
+    from torch._inductor import config as inductor_config
+    from torch.profiler import profile
+
+    eager = optimize_for_inference(lite_model)
+    fast = optimize_for_inference(lite_model, compile=True)
+    images, masks = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    masks[1, :, 140:] = True
+    captions = ["a red circle", "the small blue square left of the star"]
+    freezing = inductor_config.freezing
+    with torch.no_grad():
+        expected = eager(images, masks, captions)
+        fast(images, masks, captions)  # compiles
+        with profile() as trace:
+            got = fast(images, masks, captions)
+    assert inductor_config.freezing == freezing
+    assert _ran(trace, "mkldnn::_convolution_pointwise") + _ran(trace, "mkldnn::_convolution_pointwise_") > 30
+    assert _ran(trace, "aten::convolution") <= 1  # the stem's TF "same" padding may stay outside
+    torch.testing.assert_close(got.pred_logits, expected.pred_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="optimize"):
+        Predictor(lite_model, optimize=False, compile=True)

@@ -13,6 +13,8 @@ from mdetr.config import ConfigError
 from mdetr.data.shapes import RELATION_FRACTION
 from mdetr.data.shapes import SPLITS as SHAPES_SPLITS
 
+COMPILE_HELP = ("torch.compile the inference copy (needs a C++ compiler): the first image, and the first of "
+                "each new size, takes seconds longer; then faster, mainly with --dtype bfloat16")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mdetr.data.errors import DataError
@@ -313,6 +315,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="bfloat16 runs the model under bf16 autocast")
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument("--token-map", action="store_true",
                         help="also draw each box's probability over the caption's tokens (token_maps/*.png)")
     parser.add_argument("--answers", metavar="FILE",
@@ -340,7 +343,8 @@ def predict_main(argv: list[str] | None = None) -> int:
     from mdetr.inference.predictor import Predictor
 
     paths = _expand_images(args.image)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+                                          compile=args.compile)
     if args.question is not None and predictor.model.config.qa_dataset == "gqa":
         from mdetr.engine.gqa import attach_answer_vocab
 
@@ -798,6 +802,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     parser.add_argument("--threshold", type=float, default=0.5, help="score cut when a request gives none")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body, in MiB")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, width x height")
@@ -820,7 +825,8 @@ def serve_main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--worker-threads must be at least 1, got {args.worker_threads}")
     except ValueError as err:
         parser.error(str(err))
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+                                          compile=args.compile)
     run_server(create_app(predictor, limits, threads=args.worker_threads), host=args.host, port=args.port)
     return 0
 

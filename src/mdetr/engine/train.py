@@ -46,6 +46,7 @@ from mdetr.eval import CocoBoxEvaluator, RefExpEvaluator
 from mdetr.inference.optimize import channels_last_backbone
 from mdetr.losses.criterion import total_loss
 from mdetr.losses.qa import QASetCriterion
+from mdetr.models.compile import compile_submodules
 from mdetr.ops.linear import onednn_linear_layers
 
 
@@ -394,27 +395,6 @@ def _evaluate(task: TrainingTask, config: Config, model: nn.Module, val_set: Dat
     elif ctx.is_main:
         summaries = task.evaluate(config, model, loader(val_set), val_set, device=ctx.device)
     return broadcast_object(summaries, ctx)
-
-
-# The parts train.compile compiles: their forward takes tensors only. (MDETR's whole forward takes caption
-# strings, on which torch.compile would specialise and recompile for every new batch.)
-COMPILE_TARGETS = ("backbone", "transformer.text_encoder", "transformer.encoder", "transformer.decoder",
-                   "encoder", "decoder")
-
-
-def compile_submodules(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS,
-                       **options: Any) -> list[str]:
-    """``torch.compile`` the named submodules that ``model`` has, in place (``nn.Module.compile``: the
-    state-dict keys stay the same); returns the names compiled. ``options`` go to ``torch.compile``."""
-    compiled = []
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        module.compile(**options)
-        compiled.append(name)
-    return compiled
 
 
 def data_parallel(task: TrainingTask, model: nn.Module, criterion: nn.Module, weights: dict[str, float],

@@ -16,6 +16,10 @@ Four rewrites, each exact up to float rounding, and a fifth, exact, for copies r
   every call anyway, so the numbers are the same and each call skips reading and converting them (about
   140M values for ResNet-101 with roberta-base).
 
+On request (``compile=True``) the copy's tensor-only parts are also compiled by ``torch.compile`` with
+inductor's ``freezing``: weights become constants, convolution weights are packed once for oneDNN and each
+convolution runs fused with the ReLU and residual sum after it (:func:`compile_for_inference`).
+
 The copy keeps the original module names, but its state dict differs (folded weights, no batch-norm
 buffers): it is for running, not for saving. PyTorch's own ``torch.fx`` fusion helpers need a traceable
 graph, which the backbone's data-dependent padding and feature selection are not, hence this small pass.
@@ -30,10 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from mdetr.models.backbones.frozen_bn import FrozenBatchNorm2d
+from mdetr.models.compile import COMPILE_TARGETS, compile_frozen
 from mdetr.ops.linear import onednn_linear_layers
 
-__all__ = ["cast_autocast_weights", "channels_last_backbone", "fold_frozen_batchnorm",
-           "optimize_for_inference"]
+__all__ = ["cast_autocast_weights", "channels_last_backbone", "compile_for_inference",
+           "fold_frozen_batchnorm", "optimize_for_inference"]
 
 # (convolution, batch norm that follows it) child names in the backbones' blocks: EfficientNet stem and
 # blocks, ResNet stem, blocks and downsample branches.
@@ -77,13 +82,14 @@ def _to_channels_last(_: nn.Module, args: tuple) -> tuple:
     return (images.contiguous(memory_format=torch.channels_last), *rest)
 
 
-def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float32,
+                           compile: bool = False) -> nn.Module:
     """A copy of ``model`` (in eval mode) whose CNN backbone has folded batch norms, channels-last layout
     and in-place activations, and whose linear layers run on oneDNN in float32 inference (each change exact
     up to float rounding). With a ``dtype`` other than float32 the copy is for running under autocast to
     that dtype, and only there: its linear and convolution weights are stored in it
     (:func:`cast_autocast_weights`). Models without the ``backbone[0].body`` layout of MDETR get no
-    backbone rewrite."""
+    backbone rewrite. ``compile``: see :func:`compile_for_inference` (the first calls are slow)."""
     fast = copy.deepcopy(model).eval()
     body = _backbone_body(fast)
     if body is not None:
@@ -96,7 +102,23 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float
         onednn_linear_layers(fast)
     else:  # under autocast the linear layers run in dtype, where oneDNN's linear does not apply
         cast_autocast_weights(fast, dtype)
+    if compile:
+        compile_for_inference(fast, dtype=dtype)
     return fast
+
+
+def compile_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> list[str]:
+    """``torch.compile``, in place, the tensor-only parts of an inference copy, with inductor's
+    ``freezing`` (weights are treated as constants: packed once for oneDNN's convolutions, which then run
+    fused with the element-wise operations after them); returns the names compiled.
+
+    In float32 only the backbone is compiled: under the compiler the linear layers would leave oneDNN's
+    matrix multiplies (:mod:`mdetr.ops.linear`) for slower ones. Under autocast the text encoder and the
+    transformer are compiled too. Compilation happens at the first call, again at the first new input
+    size (then for sizes in general, with dynamic shapes), and needs a C++ compiler on the CPU; frozen
+    weights mean the compiled parts do not see later changes to the copy's parameters. No-grad inference
+    only (``freezing`` applies where autograd is off)."""
+    return compile_frozen(model, names=("backbone",) if dtype == torch.float32 else COMPILE_TARGETS)
 
 
 def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> int:

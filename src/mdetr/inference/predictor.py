@@ -75,30 +75,36 @@ class Predictor:
     twice as fast a backbone on CPU; for bf16 its weights are stored in bf16); the copy is taken here, so
     later changes to ``model``'s weights need a new Predictor. The text encoder's output is kept for the last
     ``text_cache_size`` distinct captions (0: none), so a caption asked about again (a server's class list,
-    one question over many images) is not encoded again.
+    one question over many images) is not encoded again. ``compile`` also compiles the copy's tensor-only
+    parts with ``torch.compile`` (:func:`mdetr.inference.optimize.compile_for_inference`): the first call,
+    and the first at a new image size, take seconds to tens of seconds; after that bf16 runs faster
+    (BENCHMARKS.md, section 9). It needs ``optimize``.
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
                  device: str | torch.device = "cpu", dtype: str = "float32", optimize: bool = True,
-                 text_cache_size: int = 256) -> None:
+                 compile: bool = False, text_cache_size: int = 256) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if compile and not optimize:
+            raise ValueError("compile=True compiles the inference copy: it needs optimize=True")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
-        self._runner = optimize_for_inference(self.model, dtype=self.dtype) if optimize else self.model
+        self._runner = (optimize_for_inference(self.model, dtype=self.dtype, compile=compile) if optimize
+                        else self.model)
         self.text_cache = TextFeatureCache(text_cache_size) if text_cache_size else None
         self.processor = GroundingProcessor.for_model(model, image_size=image_size, max_size=max_size)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", weights: str = "model",
-                        dtype: str = "float32", optimize: bool = True) -> Predictor:
+                        dtype: str = "float32", optimize: bool = True, compile: bool = False) -> Predictor:
         from mdetr.builder import load
 
         model = load(path, weights=weights, device=device)
         data = model.train_config.data
         return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype,
-                   optimize=optimize)
+                   optimize=optimize, compile=compile)
 
     @property
     def image_size(self) -> int:
