@@ -17,6 +17,9 @@ each expression the script compares the two predictions directly:
   and precision@1 of each (a hit: GIoU >= 0.5 with the referred box, the refexp evaluator's criterion),
   with the expressions that go from hit to miss and back.
 
+With ``--compile`` the bf16 Predictor is ``compile=True``'s (``torch.compile`` with frozen weights, the
+fused and packed oneDNN kernels), still against the float32 Predictor as users get it by default.
+
 ``mdetr evaluate --amp bf16`` gives the dataset metrics through the evaluation loader (BENCHMARKS.md,
 section 7); this script runs the Predictor's own resizing, so its precision@1 can differ from that by a
 few expressions.
@@ -118,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--confident", type=float, default=0.5,
                         help="box differences are taken over queries float32 scores above this")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="compile the bf16 Predictor")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,11 +129,13 @@ def main(argv: list[str] | None = None) -> dict:
     items = expressions(json.loads(args.ann.read_text()), args.dataset_name)
     if not items:
         parser.error(f"{args.ann}: no image entry with dataset_name {args.dataset_name!r}")
-    predictors = {dtype: Predictor.from_checkpoint(args.checkpoint, dtype=dtype)
-                  for dtype in ("float32", "bfloat16")}
+    predictors = {"float32": Predictor.from_checkpoint(args.checkpoint, dtype="float32"),
+                  "bfloat16": Predictor.from_checkpoint(args.checkpoint, dtype="bfloat16",
+                                                        compile=args.compile)}
     started = time.perf_counter()
     report = {"checkpoint": args.checkpoint, "annotations": str(args.ann),
               "image_size": predictors["float32"].image_size, "torch": torch.__version__,
+              "bf16_compiled": args.compile,
               **compare(predictors, items, args.images, batch_size=args.batch_size, confident=args.confident),
               "seconds": round(time.perf_counter() - started, 1)}
     print(json.dumps(report, indent=2))

@@ -34,7 +34,10 @@ in an order that rotates from round to round, so the rows see the same machine s
   channels-last backbone, float32 linear layers on oneDNN), which is what
   :class:`mdetr.inference.predictor.Predictor` runs;
   ``ours, inference copy, bf16``: the copy for bf16 (linear and convolution weights stored in bf16) under
-  ``torch.autocast("cpu", bfloat16)``, as Predictor ``dtype="bfloat16"`` runs it. Every output's largest
+  ``torch.autocast("cpu", bfloat16)``, as Predictor ``dtype="bfloat16"`` runs it; ``..., compiled``
+  (both dtypes, unless ``--no-compile``): the same copies compiled as ``Predictor(compile=True)`` compiles
+  them (:func:`mdetr.inference.optimize.compile_for_inference`); their compilation is timed apart, as the
+  row's ``first_call_s`` (the first call, before the warm-up rounds). Every output's largest
   absolute difference from the official outputs of the same round is checked (float32 rows:
   ``--tolerance``, default 1e-5; bf16: reported only). For scale, the official call also runs once on one
   thread (two when ``--threads 1``): how far that moves its own outputs is the rounding spread of the
@@ -530,11 +533,26 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
         if not args.no_bf16:
             fast_bf16 = optimize_for_inference(ours, dtype=torch.bfloat16)  # Predictor(dtype="bfloat16")'s
             runners["ours_inference_copy_bf16"] = ours_infer(fast_bf16, inputs, bf16=True)
+        first_call = {}
+        if not args.no_compile:
+            for row, bf16 in (("ours_inference_copy_compiled", False),
+                              ("ours_inference_copy_bf16_compiled", True)):
+                if bf16 and args.no_bf16:
+                    continue
+                dtype = torch.bfloat16 if bf16 else torch.float32
+                runners[row] = ours_infer(optimize_for_inference(ours, dtype=dtype, compile=True), inputs,
+                                          bf16=bf16)
+                print(f"[{name}] compiling {row}", file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                runners[row]()
+                first_call[row] = time.perf_counter() - start
         times, outs = interleaved(runners, warmup=args.warmup, repeats=args.repeats,
                                   label=f"{name} inference")
         rows = {}
         for row, t in times.items():
             rows[row] = {"includes": INFER_LABELS[row], **summarise(t, batch)}
+            if row in first_call:
+                rows[row]["first_call_s"] = round(first_call[row], 2)
             if row == "official":
                 rows[row]["max_abs_value"] = {k: float(v.abs().max()) for k, v in outs[row][-1].items()}
             else:
@@ -580,14 +598,15 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
 # Peak memory, one process per (side, row)
 
 MEMORY_ROWS = [("official", "inference"), ("ours", "inference"), ("ours", "inference_copy"),
-               ("ours", "inference_copy_bf16"), ("official", "train"), ("ours", "train")]
+               ("ours", "inference_copy_bf16"), ("ours", "inference_copy_compiled"),
+               ("ours", "inference_copy_bf16_compiled"), ("official", "train"), ("ours", "train")]
 
 
 def memory_rows(name: str, path: Path, encoders: dict[str, str], args: argparse.Namespace) -> dict:
     rows = {}
     for side, mode in MEMORY_ROWS:
         if (mode == "train" and args.skip_train) or (mode != "train" and args.skip_inference) or \
-                (mode.endswith("bf16") and args.no_bf16):
+                ("bf16" in mode and args.no_bf16) or (mode.endswith("compiled") and args.no_compile):
             continue
         spec = {"setup": name, "side": side, "mode": mode, "path": str(path), "encoders": encoders,
                 "official_repo": str(args.official_repo), "threads": args.threads, "seed": args.seed,
@@ -618,8 +637,9 @@ def worker(spec: dict) -> dict:
         if spec["mode"].startswith("inference_copy"):
             from mdetr.inference.optimize import optimize_for_inference
 
-            dtype = torch.bfloat16 if spec["mode"].endswith("bf16") else torch.float32
-            model = optimize_for_inference(model, dtype=dtype)  # the loaded model is dropped: the copy stays
+            dtype = torch.bfloat16 if "bf16" in spec["mode"] else torch.float32
+            # the loaded model is dropped: the copy stays
+            model = optimize_for_inference(model, dtype=dtype, compile=spec["mode"].endswith("compiled"))
     gc.collect()
     inputs = make_inputs(setup, official, tokenizer, spec["seed"], sizes)
     rss_model = resident_mb()
@@ -630,8 +650,8 @@ def worker(spec: dict) -> dict:
     elif spec["side"] == "official":
         run = official_infer(model, inputs)
     else:
-        run = ours_infer(model, inputs, bf16=mode.endswith("bf16"))
-    run()  # warm-up: allocator pools, optimizer state, oneDNN primitives
+        run = ours_infer(model, inputs, bf16="bf16" in mode)
+    run()  # warm-up: allocator pools, optimizer state, oneDNN primitives, compilation
     gc.collect()
     rss_before = resident_mb()
     reset = reset_peak_rss()
@@ -652,11 +672,12 @@ def _mib(memory: dict | None) -> str:
 
 INFER_LABELS = {"official": "official (two-stage call)", "ours": "ours, model forward",
                 "ours_inference_copy": "ours, inference copy (Predictor's)",
-                "ours_inference_copy_bf16": "ours, inference copy, bf16 autocast"}
+                "ours_inference_copy_bf16": "ours, inference copy, bf16 autocast",
+                "ours_inference_copy_compiled": "ours, inference copy, compiled",
+                "ours_inference_copy_bf16_compiled": "ours, inference copy, bf16 autocast, compiled"}
 # inference row -> its peak-memory entry
 MEMORY_KEYS = {"official": "official_inference", "ours": "ours_inference",
-               "ours_inference_copy": "ours_inference_copy",
-               "ours_inference_copy_bf16": "ours_inference_copy_bf16"}
+               **{row: row for row in INFER_LABELS if row.startswith("ours_inference_copy")}}
 TRAIN_LABELS = {"official": "official engine.train_one_epoch body: forward (two stages), SetCriterion "
                             "(+ CLEVR QA), backward, clip 0.1, AdamW",
                 "ours": "mdetr accumulate_gradients (forward, criterion, backward; channels-last backbone "
@@ -683,7 +704,9 @@ def tables(results: dict) -> str:
                 diff = max(s["max_abs_diff"].values()) if "max_abs_diff" in s else None
                 mem = r.get("peak_memory", {}).get(MEMORY_KEYS[row])
                 errors = s.get("max_abs_error_vs_float64")
-                lines.append(_timing_row(INFER_LABELS[row], s, "-" if diff is None else f"{diff:.1e}", mem)
+                label = INFER_LABELS[row] + (f" (first call {s['first_call_s']:.0f} s)" if "first_call_s" in s
+                                             else "")
+                lines.append(_timing_row(label, s, "-" if diff is None else f"{diff:.1e}", mem)
                              + (f" {max(errors.values()):.1e} |" if errors else " - |"))
         if "train" in r:
             a = r["train_first_step"]
@@ -700,12 +723,16 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+# the float32 inference rows held to --tolerance
+FLOAT32_ROWS = ("ours", "ours_inference_copy", "ours_inference_copy_compiled")
+
+
 def check_targets(results: dict, tolerance: float) -> list[str]:
     """The issue's targets, one line each (met / NOT met)."""
     lines = []
     for name, r in results.items():
         inf = r.get("inference", {})
-        for row in ("ours", "ours_inference_copy"):
+        for row in FLOAT32_ROWS:
             if row in inf:
                 s = inf[row]
                 key = max(s["max_abs_diff"], key=s["max_abs_diff"].get)
@@ -722,15 +749,17 @@ def check_targets(results: dict, tolerance: float) -> list[str]:
         if "float64" in r:
             same = r["float64"]["ours_float64_vs_official_float64"]
             errors = {row: max(s["max_abs_error_vs_float64"].values()) for row, s in inf.items()
-                      if row != "ours_inference_copy_bf16" and "max_abs_error_vs_float64" in s}
+                      if "bf16" not in row and "max_abs_error_vs_float64" in s}
             lines.append(f"{name} in float64, ours against official: largest diff {max(same.values()):.1e}; "
                          "float32 rounding error against that float64 evaluation: "
                          + ", ".join(f"{row} {e:.1e}" for row, e in errors.items()))
-        if "ours_inference_copy_bf16" in inf:
-            s = inf["ours_inference_copy_bf16"]
-            lines.append(f"{name} inference bf16: {s['speedup_vs_official']:.2f}x official float32 "
-                         f"(target >= 3x: {'met' if s['speedup_vs_official'] >= 3 else 'NOT met'}), "
-                         f"largest diff {max(s['max_abs_diff'].values()):.1e} (not held to the tolerance)")
+        for row in ("ours_inference_copy_bf16", "ours_inference_copy_bf16_compiled"):
+            if row in inf:
+                s = inf[row]
+                lines.append(f"{name} inference {row}: {s['speedup_vs_official']:.2f}x official float32 "
+                             f"(target >= 3x: {'met' if s['speedup_vs_official'] >= 3 else 'NOT met'}), "
+                             f"largest diff {max(s['max_abs_diff'].values()):.1e} (not held to the "
+                             "tolerance)")
         if "train" in r:
             s = r["train"]["ours"]
             lines.append(f"{name} training step: {s['speedup_vs_official']:.2f}x official (target >= 1.3x: "
@@ -763,7 +792,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 row")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 rows")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--workdir", type=Path, default=None,
@@ -824,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = check_targets(results, args.tolerance)
     print("\n".join(lines))
     print(f"\nwrote {args.output} ({document['seconds']:.0f} s)")
-    bad = [r for r in results.values() for row in ("ours", "ours_inference_copy")
+    bad = [r for r in results.values() for row in FLOAT32_ROWS
            if row in r.get("inference", {})
            and max(r["inference"][row]["max_abs_diff"].values()) > args.tolerance]
     return 1 if bad else 0
