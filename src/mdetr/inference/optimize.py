@@ -112,12 +112,13 @@ def compile_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float3
     ``freezing`` (weights are treated as constants: packed once for oneDNN's convolutions, which then run
     fused with the element-wise operations after them); returns the names compiled.
 
-    In float32 only the backbone is compiled: under the compiler the linear layers would leave oneDNN's
-    matrix multiplies (:mod:`mdetr.ops.linear`) for slower ones. Under autocast the text encoder and the
-    transformer are compiled too. Compilation happens at the first call, again at the first new input
-    size (then for sizes in general, with dynamic shapes), and needs a C++ compiler on the CPU; frozen
-    weights mean the compiled parts do not see later changes to the copy's parameters. No-grad inference
-    only (``freezing`` applies where autograd is off)."""
+    In float32 only the backbone is compiled (compiling the text encoder and transformer too, in place of
+    the eager oneDNN linear layers of :mod:`mdetr.ops.linear`, made a ResNet-101 copy slower:
+    BENCHMARKS.md, section 9). Under autocast they are compiled too. Compilation happens at the first
+    call and at the first call with each new input shape (static shapes:
+    :func:`mdetr.models.compile.compile_frozen`), and needs a C++ compiler on the CPU; frozen weights mean
+    the compiled parts do not see later changes to the copy's parameters. No-grad inference only
+    (``freezing`` applies where autograd is off)."""
     return compile_frozen(model, names=("backbone",) if dtype == torch.float32 else COMPILE_TARGETS)
 
 

@@ -76,9 +76,10 @@ class Predictor:
     later changes to ``model``'s weights need a new Predictor. The text encoder's output is kept for the last
     ``text_cache_size`` distinct captions (0: none), so a caption asked about again (a server's class list,
     one question over many images) is not encoded again. ``compile`` also compiles the copy's tensor-only
-    parts with ``torch.compile`` (:func:`mdetr.inference.optimize.compile_for_inference`): the first call,
-    and the first at a new image size, take seconds to tens of seconds; after that bf16 runs faster
-    (BENCHMARKS.md, section 9). It needs ``optimize``.
+    parts with ``torch.compile`` (:func:`mdetr.inference.optimize.compile_for_inference`; needs
+    ``optimize`` and a C++ compiler): 5-25 % faster per call on CPU (BENCHMARKS.md, section 9), for inputs
+    of few distinct sizes, since the first call at each new batch shape compiles for seconds (up to eight
+    shapes, then that part runs uncompiled).
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,

@@ -36,7 +36,10 @@ def compile_frozen(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS) 
     ``freezing``; returns the names compiled. For inference copies only: the compiler then treats weights
     as constants (on the CPU it packs convolution and linear weights once for oneDNN and fuses each
     convolution with the element-wise operations after it), so later changes to them are not seen, and
-    it applies only where autograd is off.
+    it applies only where autograd is off. Shapes are static (``dynamic=False``): each new input size is
+    compiled anew, up to ``torch._dynamo.config.recompile_limit`` graphs per forward in the process, past
+    which the part runs uncompiled; inductor's freezing pass fails on the dynamic-shape graph of a backbone
+    whose padding depends on the input size (EfficientNet's TensorFlow "same"), in torch 2.13.
 
     ``freezing`` is read when a graph is compiled, which is at a call (the first one, and the first at a
     new input size), and ``torch.compile``'s ``options`` do not reach that pass; so each call runs under
@@ -46,7 +49,7 @@ def compile_frozen(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS) 
 
     modules = _named_submodules(model, names)
     for module in modules.values():
-        compiled = torch.compile(module.forward)
+        compiled = torch.compile(module.forward, dynamic=False)
 
         def forward(*args: Any, _compiled=compiled, **kwargs: Any) -> Any:
             with inductor_config.patch(freezing=True):
