@@ -166,3 +166,22 @@ def test_compiled_copy_runs_fused_packed_convolutions_with_the_same_outputs(lite
     torch.testing.assert_close(got.pred_boxes, expected.pred_boxes, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="optimize"):
         Predictor(lite_model, optimize=False, compile=True)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile's CPU code generation needs a C++ compiler")
+def test_compiled_bf16_copy_takes_new_caption_lengths_and_image_sizes(lite_model) -> None:
+    """In bf16 the text encoder and transformer are compiled too, with shapes that turn dynamic at the
+    first change (caption length, image size), and the backbone recompiles per image size: every call
+    stays within bf16 rounding of the eager bf16 copy."""
+    eager = optimize_for_inference(lite_model, dtype=torch.bfloat16)
+    fast = optimize_for_inference(lite_model, dtype=torch.bfloat16, compile=True)
+    calls = [((96, 128), ["a red circle"]), ((96, 128), ["the small blue square left of the big green star"]),
+             ((128, 96), ["a star"])]
+    for (height, width), captions in calls:
+        images, masks = torch.randn(1, 3, height, width), torch.zeros(1, height, width, dtype=torch.bool)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = eager(images, masks, captions), fast(images, masks, captions)
+        torch.testing.assert_close(got.pred_boxes.float(), expected.pred_boxes.float(), rtol=0, atol=0.02)
+        probabilities = [out.pred_logits.float().softmax(-1) for out in (got, expected)]
+        torch.testing.assert_close(*probabilities, rtol=0, atol=0.02)

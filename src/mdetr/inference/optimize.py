@@ -109,17 +109,23 @@ def optimize_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float
 
 def compile_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float32) -> list[str]:
     """``torch.compile``, in place, the tensor-only parts of an inference copy, with inductor's
-    ``freezing`` (weights are treated as constants: packed once for oneDNN's convolutions, which then run
-    fused with the element-wise operations after them); returns the names compiled.
+    ``freezing`` (:func:`mdetr.models.compile.compile_frozen`: weights are treated as constants, packed once
+    for oneDNN, and each convolution runs fused with the element-wise operations after it); returns the
+    names compiled. Needs a C++ compiler on the CPU; frozen weights mean the compiled parts do not see later
+    changes to the copy's parameters; no-grad inference only (``freezing`` applies where autograd is off).
 
-    In float32 only the backbone is compiled (compiling the text encoder and transformer too, in place of
-    the eager oneDNN linear layers of :mod:`mdetr.ops.linear`, made a ResNet-101 copy slower:
-    BENCHMARKS.md, section 9). Under autocast they are compiled too. Compilation happens at the first
-    call and at the first call with each new input shape (static shapes:
-    :func:`mdetr.models.compile.compile_frozen`), and needs a C++ compiler on the CPU; frozen weights mean
-    the compiled parts do not see later changes to the copy's parameters. No-grad inference only
-    (``freezing`` applies where autograd is off)."""
-    return compile_frozen(model, names=("backbone",) if dtype == torch.float32 else COMPILE_TARGETS)
+    The backbone is compiled with static shapes (inductor's freezing pass fails on the dynamic-shape graph
+    of a backbone whose padding depends on the input size, EfficientNet's TensorFlow "same", in torch
+    2.13): each new image batch shape compiles anew, for seconds, up to
+    ``torch._dynamo.config.recompile_limit`` shapes, past which it runs uncompiled. Under autocast the text
+    encoder and the transformer's encoder and decoder are compiled too, and there shapes become dynamic at
+    the first change (the second caption length compiles once more, later ones reuse it). In float32 they
+    stay eager: compiled in place of the oneDNN linear layers of :mod:`mdetr.ops.linear` they made a
+    ResNet-101 copy slower (BENCHMARKS.md, section 9)."""
+    names = compile_frozen(model, names=("backbone",))
+    if dtype != torch.float32:
+        names += compile_frozen(model, names=[n for n in COMPILE_TARGETS if n != "backbone"], dynamic=None)
+    return names
 
 
 def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> int:

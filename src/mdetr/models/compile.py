@@ -31,15 +31,16 @@ def compile_submodules(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGE
     return list(modules)
 
 
-def compile_frozen(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS) -> list[str]:
+def compile_frozen(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS,
+                   dynamic: bool | None = False) -> list[str]:
     """``torch.compile`` the forward of the named submodules that ``model`` has, in place, with inductor's
     ``freezing``; returns the names compiled. For inference copies only: the compiler then treats weights
     as constants (on the CPU it packs convolution and linear weights once for oneDNN and fuses each
     convolution with the element-wise operations after it), so later changes to them are not seen, and
-    it applies only where autograd is off. Shapes are static (``dynamic=False``): each new input size is
-    compiled anew, up to ``torch._dynamo.config.recompile_limit`` graphs per forward in the process, past
-    which the part runs uncompiled; inductor's freezing pass fails on the dynamic-shape graph of a backbone
-    whose padding depends on the input size (EfficientNet's TensorFlow "same"), in torch 2.13.
+    it applies only where autograd is off. ``dynamic`` goes to ``torch.compile``: the default, static
+    shapes, compiles each new input shape anew (up to ``torch._dynamo.config.recompile_limit`` graphs per
+    forward in the process, past which the part runs uncompiled); ``None`` turns shapes dynamic at the
+    first change.
 
     ``freezing`` is read when a graph is compiled, which is at a call (the first one, and the first at a
     new input size), and ``torch.compile``'s ``options`` do not reach that pass; so each call runs under
@@ -49,7 +50,7 @@ def compile_frozen(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS) 
 
     modules = _named_submodules(model, names)
     for module in modules.values():
-        compiled = torch.compile(module.forward, dynamic=False)
+        compiled = torch.compile(module.forward, dynamic=dynamic)
 
         def forward(*args: Any, _compiled=compiled, **kwargs: Any) -> Any:
             with inductor_config.patch(freezing=True):
