@@ -14,8 +14,8 @@ from mdetr.data.shapes import RELATION_FRACTION
 from mdetr.data.shapes import SPLITS as SHAPES_SPLITS
 
 COMPILE_HELP = ("torch.compile the inference copy (needs a C++ compiler): 5-25%% faster per forward pass, "
-                "but the first at each new image size compiles the backbone for seconds (up to eight "
-                "sizes): for images of few distinct sizes")
+                "but the first at each new resized image size compiles the backbone for seconds (up to "
+                "eight): for images of few aspect ratios")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mdetr.data.errors import DataError

@@ -78,9 +78,10 @@ class Predictor:
     one question over many images) is not encoded again. ``compile`` also compiles the copy's tensor-only
     parts with ``torch.compile`` (:func:`mdetr.inference.optimize.compile_for_inference`; needs
     ``optimize`` and a C++ compiler): 5-25 % faster per call on CPU (BENCHMARKS.md, section 9), for images
-    of few distinct sizes, since the first call at each new image batch shape compiles the backbone for
-    seconds (up to eight shapes, then it runs uncompiled); in bf16 the text encoder and transformer also
-    compile once more at the second caption length, then take any length.
+    of few distinct aspect ratios (resizing gives them all the same short side), since the first call at
+    each new batch shape compiles the backbone for seconds (up to eight shapes, then it runs uncompiled);
+    in bf16 the text encoder and transformer also compile once more at the second caption length, then
+    take any length.
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
