@@ -123,3 +123,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cxx_available():
+    """Whether torch.compile can generate CPU code here (it compiles C++)."""
+    import shutil
+
+    return shutil.which("c++") is not None or shutil.which("g++") is not None
+
+
+@pytest.fixture
+def cxx_compiler(cxx_available):
+    if not cxx_available:
+        pytest.skip("torch.compile's CPU code generation needs a C++ compiler")
+
+
+@pytest.fixture
+def compiled_parts(monkeypatch):
+    """The submodule names that mdetr.inference.optimize compiles during the test (in call order)."""
+    import mdetr.inference.optimize as optimize
+
+    names, original = [], optimize.compile_frozen
+
+    def spy(model, **kwargs):
+        compiled = original(model, **kwargs)
+        names.extend(compiled)
+        return compiled
+
+    monkeypatch.setattr(optimize, "compile_frozen", spy)
+    return names

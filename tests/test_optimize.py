@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -138,9 +136,7 @@ def _ran(profile, name: str) -> int:
     return sum(event.count for event in profile.key_averages() if event.key == name)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile's CPU code generation needs a C++ compiler")
-def test_compiled_copy_runs_fused_packed_convolutions_with_the_same_outputs(lite_model) -> None:
+def test_compiled_copy_runs_fused_packed_convolutions_with_the_same_outputs(lite_model, cxx_compiler) -> None:
     """``compile=True``: inductor's freezing pass is on at the call (convolutions run as oneDNN's packed,
     fused ``_convolution_pointwise``, none through ``aten::convolution``), the global inductor flag is left
     as it was, and float32 outputs equal the eager copy's (folded batch norms leave only exact ReLUs and
@@ -168,9 +164,7 @@ def test_compiled_copy_runs_fused_packed_convolutions_with_the_same_outputs(lite
         Predictor(lite_model, optimize=False, compile=True)
 
 
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                    reason="torch.compile's CPU code generation needs a C++ compiler")
-def test_compiled_bf16_copy_takes_new_caption_lengths_and_image_sizes(lite_model) -> None:
+def test_compiled_bf16_copy_takes_new_caption_lengths_and_image_sizes(lite_model, cxx_compiler) -> None:
     """In bf16 the text encoder and transformer are compiled too, with shapes that turn dynamic at the
     first change (caption length, image size), and the backbone recompiles per image size: every call
     stays within bf16 rounding of the eager bf16 copy."""

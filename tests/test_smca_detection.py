@@ -251,7 +251,8 @@ def test_validation_split_over_processes_scores_as_one(detection_shapes, tmp_pat
     assert task.score(config, dataset, merged) == whole
 
 
-def test_cli_trains_evaluates_and_predicts_a_detector(detection_shapes, tmp_path, capsys):
+def test_cli_trains_evaluates_and_predicts_a_detector(detection_shapes, tmp_path, capsys, cxx_available,
+                                                      compiled_parts):
     preset = tmp_path / "detector.yaml"
     preset.write_text("task: detection\nmodel:\n  arch: smca_r50\n")
     run = tmp_path / "run"
@@ -285,6 +286,13 @@ def test_cli_trains_evaluates_and_predicts_a_detector(detection_shapes, tmp_path
     assert all(d["phrase"] in SHAPES for d in predictions[0]["detections"])
     coco = json.loads((out / "results_coco.json").read_text())
     assert {r["category_id"] for r in coco} <= set(range(1, 7))
+    if cxx_available:
+        assert main(["predict", str(run / "last"), "--image", str(image), "--threshold", "0", "--top-k", "3",
+                     "--compile", "--output-dir", str(tmp_path / "compiled")]) == 0
+        assert compiled_parts == ["backbone"]  # float32: the backbone (the detector has no text encoder)
+        compiled = json.loads((tmp_path / "compiled" / "predictions.json").read_text())[0]["detections"]
+        scores = [sorted(d["score"] for d in found) for found in (predictions[0]["detections"], compiled)]
+        assert scores[1] == pytest.approx(scores[0], abs=1e-3)  # the inference copy: float rounding only
 
 
 def test_losses_config_rejects_bad_focal_parameters():

@@ -399,7 +399,8 @@ def _predict_detection(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     records = predict_images(args.checkpoint, _expand_images(args.image), out,
                              threshold=0.3 if args.threshold is None else args.threshold, top_k=args.top_k,
-                             batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+                             batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                             compile=args.compile)
     for record in records:
         best = "; ".join(f"{d['phrase']} {d['score']:.2f}" for d in record["detections"][:3])
         print(f"{record['image']}: {len(record['detections'])} boxes {best}")

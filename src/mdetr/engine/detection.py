@@ -174,7 +174,7 @@ def evaluate_checkpoint(checkpoint: str | Path, ann_file: str | Path, image_root
 
 def predict_images(checkpoint: str | Path, images: list[Path], output_dir: Path, *, threshold: float = 0.3,
                    top_k: int | None = None, batch_size: int = 4, device: str = "cpu",
-                   dtype: str = "float32") -> list[dict[str, Any]]:
+                   dtype: str = "float32", compile: bool = False) -> list[dict[str, Any]]:
     """Detect objects in image files; writes ``predictions.json``, ``results_coco.json`` (COCO results with
     the model's category ids), ``results_coco_images.json`` (image ids, file names, categories) and one
     annotated PNG per image into ``output_dir``. Returns the prediction records."""
@@ -184,7 +184,7 @@ def predict_images(checkpoint: str | Path, images: list[Path], output_dir: Path,
     from mdetr.inference.predictor import open_image
     from mdetr.inference.visualize import draw_groundings
 
-    predictor = DetectionPredictor.from_checkpoint(checkpoint, device=device, dtype=dtype)
+    predictor = DetectionPredictor.from_checkpoint(checkpoint, device=device, dtype=dtype, compile=compile)
     output_dir.mkdir(parents=True, exist_ok=True)
     records, coco, index = [], [], []
     for start in range(0, len(images), batch_size):

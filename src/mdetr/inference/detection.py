@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mdetr.inference.optimize import optimize_for_inference
 from mdetr.inference.postprocess import Grounding, pixel_boxes
 from mdetr.inference.predictor import DTYPES, ImageInput, open_image
 from mdetr.inference.processor import GroundingProcessor
@@ -37,15 +38,19 @@ def post_process_detection(outputs: DetectionOutput, target_sizes: Tensor, *,
 
 class DetectionPredictor:
     """Runs a trained detector on images: resizing, normalising and padding as in evaluation, boxes back in
-    the original pixels, each named by the category names stored in the model's config."""
+    the original pixels, each named by the category names stored in the model's config. ``compile`` runs a
+    compiled inference copy instead of the model (:func:`mdetr.inference.optimize.optimize_for_inference`
+    with ``compile=True``, as ``Predictor(compile=True)``)."""
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
-                 device: str | torch.device = "cpu", dtype: str = "float32") -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
+        self._runner = (optimize_for_inference(self.model, dtype=self.dtype, compile=True) if compile
+                        else self.model)
         # Only the image half of the grounding processor is used: a detector reads no text.
         self.processor = GroundingProcessor(None, image_size=image_size, max_size=max_size)
         names = list(model.config.class_names) or [str(i) for i in range(model.config.num_classes)]
@@ -56,12 +61,13 @@ class DetectionPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", weights: str = "model",
-                        dtype: str = "float32") -> DetectionPredictor:
+                        dtype: str = "float32", compile: bool = False) -> DetectionPredictor:
         from mdetr.engine.detection import load_detector
 
         model = load_detector(path, weights=weights, device=device)
         data = model.train_config.data
-        return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype)
+        return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype,
+                   compile=compile)
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageInput], *, threshold: float = 0.3,
@@ -72,7 +78,7 @@ class DetectionPredictor:
         pil = [open_image(im) for im in images]
         batch, mask = self.processor.preprocess_images(pil)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
-            outputs = self.model(batch.to(self.device), mask.to(self.device))
+            outputs = self._runner(batch.to(self.device), mask.to(self.device))
         outputs.pred_logits = outputs.pred_logits.float().masked_fill(self._unused, float("-inf"))
         sizes = torch.tensor([[im.height, im.width] for im in pil], device=self.device)
         results = post_process_detection(outputs, sizes, top_k=top_k or DEFAULT_TOP_K)
