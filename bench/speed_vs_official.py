@@ -535,6 +535,7 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
             runners["ours_inference_copy_bf16"] = ours_infer(fast_bf16, inputs, bf16=True)
         first_call = {}
         if not args.no_compile:
+            torch._dynamo.reset()  # the previous family's graphs would count against the recompile limit
             for row, bf16 in (("ours_inference_copy_compiled", False),
                               ("ours_inference_copy_bf16_compiled", True)):
                 if bf16 and args.no_bf16:

@@ -135,14 +135,24 @@ def cxx_available():
 
 @pytest.fixture
 def cxx_compiler(cxx_available):
+    """Skips without a C++ compiler; clears torch.compile's caches, so graphs compiled by earlier tests do
+    not count against the recompile limit (past which a compiled forward silently runs uncompiled)."""
     if not cxx_available:
         pytest.skip("torch.compile's CPU code generation needs a C++ compiler")
+    import torch
+
+    torch._dynamo.reset()
 
 
 @pytest.fixture
 def compiled_parts(monkeypatch):
-    """The submodule names that mdetr.inference.optimize compiles during the test (in call order)."""
+    """The submodule names that mdetr.inference.optimize compiles during the test (in call order); clears
+    torch.compile's caches first, as ``cxx_compiler`` does."""
+    import torch
+
     import mdetr.inference.optimize as optimize
+
+    torch._dynamo.reset()
 
     names, original = [], optimize.compile_frozen
 

@@ -13,9 +13,11 @@ from mdetr.config import ConfigError
 from mdetr.data.shapes import RELATION_FRACTION
 from mdetr.data.shapes import SPLITS as SHAPES_SPLITS
 
-COMPILE_HELP = ("torch.compile the inference copy (needs a C++ compiler): 5-25%% faster per forward pass, "
-                "but the first at each new resized image size compiles the backbone for seconds (up to "
-                "eight): for images of few aspect ratios")
+COMPILE_HELP = ("torch.compile the inference copy (needs a C++ compiler): up to 25%% faster per forward "
+                "pass, most with --dtype bfloat16, but each new batch shape (batch size and resized image "
+                "size) first compiles for seconds, for up to eight shapes per process: for images of few "
+                "aspect ratios")
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mdetr.data.errors import DataError

@@ -111,21 +111,24 @@ def compile_for_inference(model: nn.Module, *, dtype: torch.dtype = torch.float3
     """``torch.compile``, in place, the tensor-only parts of an inference copy, with inductor's
     ``freezing`` (:func:`mdetr.models.compile.compile_frozen`: weights are treated as constants, packed once
     for oneDNN, and each convolution runs fused with the element-wise operations after it); returns the
-    names compiled. Needs a C++ compiler on the CPU; frozen weights mean the compiled parts do not see later
-    changes to the copy's parameters; no-grad inference only (``freezing`` applies where autograd is off).
+    names compiled (under ``detr.`` for a segmentation model). Needs a C++ compiler on the CPU; the copy's
+    weights must not change afterwards; no-grad inference only (``freezing`` applies where autograd is
+    off).
 
     The backbone is compiled with static shapes (inductor's freezing pass fails on the dynamic-shape graph
     of a backbone whose padding depends on the input size, EfficientNet's TensorFlow "same", in torch
-    2.13): each new image batch shape compiles anew, for seconds, up to
-    ``torch._dynamo.config.recompile_limit`` shapes, past which it runs uncompiled. Under autocast the text
-    encoder and the transformer's encoder and decoder are compiled too, and there shapes become dynamic at
-    the first change (the second caption length compiles once more, later ones reuse it). In float32 they
-    stay eager: compiled in place of the oneDNN linear layers of :mod:`mdetr.ops.linear` they made a
-    ResNet-101 copy slower (BENCHMARKS.md, section 9)."""
-    names = compile_frozen(model, names=("backbone",))
+    2.13): each new image batch shape compiles anew, for seconds, within the process-wide
+    ``torch._dynamo.config.recompile_limit``. Under autocast the text encoder and the transformer's
+    encoder and decoder are compiled too, and there shapes become dynamic at the first change (the second
+    caption length compiles once more, later ones reuse it). In float32 they stay eager: compiled in place
+    of the oneDNN linear layers of :mod:`mdetr.ops.linear` they made a ResNet-101 copy slower
+    (BENCHMARKS.md, section 9)."""
+    detr = getattr(model, "detr", None)  # MDETRSegmentation wraps the detector
+    prefix, root = ("detr.", detr) if isinstance(detr, nn.Module) else ("", model)
+    names = compile_frozen(root, names=("backbone",))
     if dtype != torch.float32:
-        names += compile_frozen(model, names=[n for n in COMPILE_TARGETS if n != "backbone"], dynamic=None)
-    return names
+        names += compile_frozen(root, names=[n for n in COMPILE_TARGETS if n != "backbone"], dynamic=None)
+    return [prefix + name for name in names]
 
 
 def cast_autocast_weights(model: nn.Module, dtype: torch.dtype) -> int:

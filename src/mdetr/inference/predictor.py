@@ -77,11 +77,12 @@ class Predictor:
     ``text_cache_size`` distinct captions (0: none), so a caption asked about again (a server's class list,
     one question over many images) is not encoded again. ``compile`` also compiles the copy's tensor-only
     parts with ``torch.compile`` (:func:`mdetr.inference.optimize.compile_for_inference`; needs
-    ``optimize`` and a C++ compiler): 5-25 % faster per call on CPU (BENCHMARKS.md, section 9), for images
-    of few distinct aspect ratios (resizing gives them all the same short side), since the first call at
-    each new batch shape compiles the backbone for seconds (up to eight shapes, then it runs uncompiled);
-    in bf16 the text encoder and transformer also compile once more at the second caption length, then
-    take any length.
+    ``optimize`` and a C++ compiler): up to 25 % faster per call on CPU, most in bf16 (BENCHMARKS.md,
+    section 9), for images of few aspect ratios (resizing gives them one short side), since the first call
+    at each new batch shape (batch size and resized image size) compiles the backbone for seconds, within
+    the process-wide ``torch._dynamo.config.recompile_limit`` (8 shapes by default, shared by all compiled
+    models; past it the backbone runs uncompiled); in bf16 the text encoder and transformer also compile
+    once more at the second caption length, then take any length.
     """
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,

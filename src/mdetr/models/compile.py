@@ -36,28 +36,43 @@ def compile_frozen(model: nn.Module, *, names: Iterable[str] = COMPILE_TARGETS,
     """``torch.compile`` the forward of the named submodules that ``model`` has, in place, with inductor's
     ``freezing``; returns the names compiled. For inference copies only: the compiler then treats weights
     as constants (on the CPU it packs convolution and linear weights once for oneDNN and fuses each
-    convolution with the element-wise operations after it), so later changes to them are not seen, and
-    it applies only where autograd is off. ``dynamic`` goes to ``torch.compile``: the default, static
-    shapes, compiles each new input shape anew (up to ``torch._dynamo.config.recompile_limit`` graphs per
-    forward in the process, past which the part runs uncompiled); ``None`` turns shapes dynamic at the
-    first change.
+    convolution with the element-wise operations after it), so they must not change after the first call
+    (the results would be undefined), and it applies only where autograd is off. A compiled module cannot
+    be deep-copied or pickled (its compiled code holds the original's weights): copy the model before
+    compiling. ``dynamic`` goes to ``torch.compile``: the default, static shapes, compiles each new input
+    shape anew; ``None`` turns shapes dynamic at the first change. ``torch._dynamo.config.recompile_limit``
+    (8 by default) bounds the graphs of one forward function in the process, shared by every compiled
+    model that runs it; past it, calls run uncompiled.
 
     ``freezing`` is read when a graph is compiled, which is at a call (the first one, and the first at a
-    new input size), and ``torch.compile``'s ``options`` do not reach that pass; so each call runs under
+    new input shape), and ``torch.compile``'s ``options`` do not reach that pass; so each call runs under
     ``torch._inductor.config.patch(freezing=True)`` rather than setting the global flag, which would
     change every other compilation in the process."""
-    from torch._inductor import config as inductor_config
-
     modules = _named_submodules(model, names)
     for module in modules.values():
-        compiled = torch.compile(module.forward, dynamic=dynamic)
-
-        def forward(*args: Any, _compiled=compiled, **kwargs: Any) -> Any:
-            with inductor_config.patch(freezing=True):
-                return _compiled(*args, **kwargs)
-
-        module.forward = forward
+        module.forward = _FrozenForward(torch.compile(module.forward, dynamic=dynamic))
     return list(modules)
+
+
+class _FrozenForward:
+    """A compiled forward run with inductor's ``freezing`` on (see :func:`compile_frozen`)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError("a compiled inference copy cannot be copied: its compiled code holds the original's "
+                        "weights. Copy the model first, then compile the copy")
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a compiled inference copy cannot be pickled or saved: save the model it was made "
+                        "from")
 
 
 def _named_submodules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
