@@ -285,10 +285,12 @@ def test_cli_predict_compiled_bf16_matches_eager_bf16(trained, val_images, tmp_p
                               "transformer.decoder"]
     for eager, compiled in zip(records["eager"], records["compile"], strict=True):
         assert eager["image"] == compiled["image"]
+        # near-equal scores may swap places: scores compared sorted, each box with its nearest
         boxes = [torch.tensor([d["box_xyxy"] for d in r["detections"]]) for r in (eager, compiled)]
-        scores = [torch.tensor([d["score"] for d in r["detections"]]) for r in (eager, compiled)]
-        torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=0.01)
-        torch.testing.assert_close(boxes[1], boxes[0], rtol=0, atol=1.5)  # pixels of a 128 px image
+        scores = [sorted(d["score"] for d in r["detections"]) for r in (eager, compiled)]
+        assert scores[1] == pytest.approx(scores[0], abs=0.01)
+        nearest = (boxes[1][:, None] - boxes[0][None]).abs().amax(-1).amin(-1)
+        assert nearest.max() < 1.5  # pixels of a 128 px image
 
 
 def test_cli_predict_text_batches_and_needs_text_or_classes(trained, val_images, tmp_path, capsys):
