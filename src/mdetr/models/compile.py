@@ -58,12 +58,13 @@ class _FrozenForward:
     """A compiled forward run with inductor's ``freezing`` on (see :func:`compile_frozen`)."""
 
     def __init__(self, compiled: Any) -> None:
+        from torch._inductor import config as inductor_config  # imported here, once, not with the package
+
         self.compiled = compiled
+        self.config = inductor_config
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from torch._inductor import config as inductor_config
-
-        with inductor_config.patch(freezing=True):
+        with self.config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> Any:
