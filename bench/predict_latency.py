@@ -46,6 +46,7 @@ from mdetr.builder import build_model, load
 from mdetr.inference.export import OnnxGroundingModel, export_onnx
 from mdetr.inference.predictor import Predictor, open_image
 from mdetr.inference.processor import GroundingProcessor, post_process_grounded_detection
+from mdetr.ops.allocator import keep_freed_memory
 from mdetr.registry import get_arch_config
 
 CAPTION = "the small red circle left of the blue square"
@@ -188,6 +189,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for PyTorch and onnxruntime")
     parser.add_argument("--image-size", default="640x480", help="source picture WIDTHxHEIGHT before resizing")
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="mdetr.ops.allocator.keep_freed_memory() first, as the mdetr command does")
     parser.add_argument("--onnx", help="an exported model to time (default: export the model first)")
     parser.add_argument("--output", default="runs/predict_latency.json", help="JSON file to write")
     parser.add_argument("--flops-only", action="store_true",
@@ -205,6 +208,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: not applied (no glibc, or the allocator is set by the "
+                         "environment)")
     model = build_benchmark_model(args.checkpoint)
     image = scene(args.width, args.height)
     flops = {size: model_flops(model, image, size) for size in args.sizes}
@@ -251,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     if workdir is not None:
         workdir.cleanup()
     report = {
-        "machine": machine(), "threads": args.threads, "model": args.checkpoint or "mdetr_lite (untrained)",
+        "machine": machine(), "threads": args.threads, "keep_freed_memory": args.keep_freed_memory,
+        "model": args.checkpoint or "mdetr_lite (untrained)",
         "source_image": [args.width, args.height], "caption": CAPTION, "warmup": args.warmup,
         "onnx_export_s": export_s, "onnx_max_abs_diff": agreement, "gflop_per_image": {
             size: round(f / 1e9, 3) for size, f in flops.items()},

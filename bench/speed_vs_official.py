@@ -20,7 +20,8 @@ official model is built through the official ``hubconf.py`` with seeded random w
 ``mdetr.load(path, arch=NAME)``; both then run on the same zero-padded batch of two images
 (``--sizes``, default 512x680 and 480x640 for resnet101, 320x480 twice for clevr) and two captions of the
 same token length (with padding tokens the contrastive-alignment losses differ by design: the official one
-lets padding tokens into its softmaxes, ours leaves them out).
+lets padding tokens into its softmaxes, ours leaves them out). With more ``--sizes`` than two, the
+captions repeat in order, one per image.
 
 What is timed (float32 unless said, ``torch.set_num_threads(--threads)``, all rows in one process,
 ``--warmup`` untimed rounds, then ``--repeats`` timed rounds; each round runs every row of a table once,
@@ -85,7 +86,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import compare_official as co
@@ -136,6 +137,20 @@ SETUPS = {
         answers=["red", "yes"],
     ),
 }
+
+
+def for_batch(setup: Setup, sizes: list[Size]) -> Setup:
+    """The setup with one caption (and its phrases and answer) per image: ``--sizes`` may name more images
+    than the family has captions, which then repeat in order."""
+    n = len(sizes)
+    if n == len(setup.captions):
+        return setup
+
+    def cycle(items: list) -> list:
+        return [items[i % len(items)] for i in range(n)]
+
+    return replace(setup, sizes=list(sizes), captions=cycle(setup.captions), phrases=cycle(setup.phrases),
+                   answers=cycle(setup.answers) if setup.answers else None)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -503,6 +518,7 @@ def run_family(name: str, setup: Setup, official: dict, encoders: dict[str, str]
     from mdetr.inference.optimize import optimize_for_inference
 
     family, sizes = setup.family, args.sizes or setup.sizes
+    setup = for_batch(setup, sizes)
     batch = len(sizes)
     images, masks = co.make_batch(args.seed, sizes)
     samples = official["util.misc"].NestedTensor(images, masks)
@@ -611,7 +627,8 @@ def memory_rows(name: str, path: Path, encoders: dict[str, str], args: argparse.
             continue
         spec = {"setup": name, "side": side, "mode": mode, "path": str(path), "encoders": encoders,
                 "official_repo": str(args.official_repo), "threads": args.threads, "seed": args.seed,
-                "sizes": args.sizes, "steps": args.memory_steps}
+                "sizes": args.sizes, "steps": args.memory_steps,
+                "keep_freed_memory": args.keep_freed_memory}
         command = [sys.executable, __file__, "--worker", json.dumps(spec)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -624,8 +641,11 @@ def memory_rows(name: str, path: Path, encoders: dict[str, str], args: argparse.
 
 def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
+    if spec["keep_freed_memory"]:
+        keep_freed_memory_or_exit()
     setup = SETUPS[spec["setup"]]
     sizes = [tuple(s) for s in spec["sizes"]] if spec["sizes"] else setup.sizes
+    setup = for_batch(setup, sizes)
     official = load_official_modules(Path(spec["official_repo"]))
     encoders, path = spec["encoders"], Path(spec["path"])
     rss_start = resident_mb()
@@ -781,7 +801,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a checkout of ashkamath/mdetr (default: %(default)s)")
     parser.add_argument("--families", nargs="+", choices=sorted(SETUPS), default=list(SETUPS))
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=None, metavar="HxW",
-                        help="one image per size for every family (default: per family, see above)")
+                        help="one image per size for every family, the family's captions repeated in "
+                        "order when there are more images (default: per family, see above)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeats", type=int, default=10, help="timed inference rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed inference rounds first")
@@ -795,6 +816,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 rows")
     parser.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="mdetr.ops.allocator.keep_freed_memory() first (what the mdetr command does), "
+                        "for both sides: large freed blocks stay in the process instead of returning "
+                        "to the kernel at every call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=1e-5)
     parser.add_argument("--workdir", type=Path, default=None,
@@ -811,6 +836,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats and --train-repeats must be at least 1, --train-warmup at least 1 "
                      "(the first training step is the one whose losses are compared)")
     return args
+
+
+def keep_freed_memory_or_exit() -> None:
+    from mdetr.ops.allocator import keep_freed_memory
+
+    if not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: not applied (glibc's mallopt is unavailable, or the allocator "
+                         "is set by the environment)")
 
 
 def environment(repo: Path, threads: int) -> dict:
@@ -830,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        keep_freed_memory_or_exit()
     repo = args.official_repo.expanduser().resolve()
     args.official_repo = repo
     official = load_official_modules(repo)
@@ -844,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
                    for name in args.families}
     skipped = [part for part in ("inference", "train", "memory") if getattr(args, f"skip_{part}")]
     document = {"environment": env, "seed": args.seed, "families_run": args.families, "skipped": skipped,
-                "tolerance": args.tolerance,
+                "tolerance": args.tolerance, "keep_freed_memory": args.keep_freed_memory,
                 "warmup": args.warmup, "repeats": args.repeats, "train_warmup": args.train_warmup,
                 "train_repeats": args.train_repeats, "seconds": round(time.perf_counter() - started, 1),
                 "load_average_at_end": os.getloadavg(), "families": results}

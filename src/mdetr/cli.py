@@ -907,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
               "  export    write a checkpoint as an ONNX model (dynamic image size and text length)",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if os.environ.get("MDETR_KEEP_FREED_MEMORY", "1") != "0":
+        from mdetr.ops.allocator import keep_freed_memory
+
+        keep_freed_memory()
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as err:
