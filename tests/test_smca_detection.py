@@ -14,7 +14,7 @@ from mdetr.data.shapes import SHAPES, detection_categories, export_detection, ge
 from mdetr.engine.detection import DetectionTask, build_detection, evaluate_detection, resolve_classes
 from mdetr.engine.distributed import DistributedContext, shard_indices
 from mdetr.eval import CocoBoxEvaluator
-from mdetr.inference.detection import post_process_detection
+from mdetr.inference.detection import DetectionPredictor, post_process_detection
 from mdetr.losses.criterion import total_loss
 from mdetr.losses.detection import DetectionCriterion, FocalHungarianMatcher, sigmoid_focal_loss
 from mdetr.models.detector import DetectionOutput, SMCADetector
@@ -286,6 +286,15 @@ def test_cli_trains_evaluates_and_predicts_a_detector(detection_shapes, tmp_path
     assert all(d["phrase"] in SHAPES for d in predictions[0]["detections"])
     coco = json.loads((out / "results_coco.json").read_text())
     assert {r["category_id"] for r in coco} <= set(range(1, 7))
+    # The predictor runs the inference copy by default, as the grounding Predictor does: float rounding only
+    copy_run, plain = (DetectionPredictor.from_checkpoint(run / "last", optimize=flag)
+                       for flag in (True, False))
+    assert copy_run._runner is not copy_run.model and plain._runner is plain.model
+    found = [p.predict_batch([image], threshold=0.0, top_k=5)[0] for p in (copy_run, plain)]
+    assert found[0].scores.tolist() == pytest.approx(found[1].scores.tolist(), abs=1e-4)
+    assert torch.allclose(found[0].boxes, found[1].boxes, atol=1e-2)
+    with pytest.raises(ValueError, match="needs optimize=True"):
+        DetectionPredictor(plain.model, optimize=False, compile=True)
     if cxx_available:
         assert main(["predict", str(run / "last"), "--image", str(image), "--threshold", "0", "--top-k", "3",
                      "--compile", "--output-dir", str(tmp_path / "compiled")]) == 0

@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mdetr.inference.optimize import optimize_for_inference
 from mdetr.inference.postprocess import Grounding, pixel_boxes
-from mdetr.inference.predictor import DTYPES, ImageInput, open_image
+from mdetr.inference.predictor import DTYPES, ImageInput, inference_runner, open_image
 from mdetr.inference.processor import GroundingProcessor
 from mdetr.models.detector import DetectionOutput
 
@@ -38,19 +37,20 @@ def post_process_detection(outputs: DetectionOutput, target_sizes: Tensor, *,
 
 class DetectionPredictor:
     """Runs a trained detector on images: resizing, normalising and padding as in evaluation, boxes back in
-    the original pixels, each named by the category names stored in the model's config. ``compile`` runs a
-    compiled inference copy instead of the model (:func:`mdetr.inference.optimize.optimize_for_inference`
-    with ``compile=True``, as ``Predictor(compile=True)``)."""
+    the original pixels, each named by the category names stored in the model's config. As
+    :class:`~mdetr.inference.predictor.Predictor` does, it runs the model's inference copy
+    (:func:`mdetr.inference.optimize.optimize_for_inference`: the same outputs up to float rounding) unless
+    ``optimize=False``, and ``compile`` compiles that copy."""
 
     def __init__(self, model: torch.nn.Module, *, image_size: int = 800, max_size: int = 1333,
-                 device: str | torch.device = "cpu", dtype: str = "float32", compile: bool = False) -> None:
+                 device: str | torch.device = "cpu", dtype: str = "float32", optimize: bool = True,
+                 compile: bool = False) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
-        self._runner = (optimize_for_inference(self.model, dtype=self.dtype, compile=True) if compile
-                        else self.model)
+        self._runner = inference_runner(self.model, self.dtype, optimize=optimize, compile=compile)
         # Only the image half of the grounding processor is used: a detector reads no text.
         self.processor = GroundingProcessor(None, image_size=image_size, max_size=max_size)
         names = list(model.config.class_names) or [str(i) for i in range(model.config.num_classes)]
@@ -61,13 +61,14 @@ class DetectionPredictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", weights: str = "model",
-                        dtype: str = "float32", compile: bool = False) -> DetectionPredictor:
+                        dtype: str = "float32", optimize: bool = True,
+                        compile: bool = False) -> DetectionPredictor:
         from mdetr.engine.detection import load_detector
 
         model = load_detector(path, weights=weights, device=device)
         data = model.train_config.data
         return cls(model, image_size=data.val_size, max_size=data.max_size, device=device, dtype=dtype,
-                   compile=compile)
+                   optimize=optimize, compile=compile)
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[ImageInput], *, threshold: float = 0.3,

@@ -63,6 +63,16 @@ class Answer:
                 "confidence": round(self.confidence, 4), "boxes": self.grounding.to_json()}
 
 
+def inference_runner(model: torch.nn.Module, dtype: torch.dtype, *, optimize: bool,
+                     compile: bool) -> torch.nn.Module:
+    """What a predictor runs: the model's inference copy for ``dtype``
+    (:func:`mdetr.inference.optimize.optimize_for_inference`, compiled with ``compile``), or with
+    ``optimize=False`` the model itself."""
+    if compile and not optimize:
+        raise ValueError("compile=True compiles the inference copy: it needs optimize=True")
+    return optimize_for_inference(model, dtype=dtype, compile=compile) if optimize else model
+
+
 class Predictor:
     """Runs a trained MDETR on images and captions, or on images and a list of class names.
 
@@ -90,13 +100,10 @@ class Predictor:
                  compile: bool = False, text_cache_size: int = 256) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if compile and not optimize:
-            raise ValueError("compile=True compiles the inference copy: it needs optimize=True")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(self.device).eval()
-        self._runner = (optimize_for_inference(self.model, dtype=self.dtype, compile=compile) if optimize
-                        else self.model)
+        self._runner = inference_runner(self.model, self.dtype, optimize=optimize, compile=compile)
         self.text_cache = TextFeatureCache(text_cache_size) if text_cache_size else None
         self.processor = GroundingProcessor.for_model(model, image_size=image_size, max_size=max_size)
 
