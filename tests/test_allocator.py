@@ -50,11 +50,26 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     assert result["after"] < result["before"] / 3
 
 
+CHOSEN = {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "MALLOC_MMAP_THRESHOLD_": "65536",
+          "MALLOC_TRIM_THRESHOLD_": "65536", "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}
+
+
 @pytest.mark.parametrize("name", ALLOCATOR_ENV)
 def test_left_alone_when_the_allocator_is_chosen_by_the_environment(monkeypatch, name) -> None:
-    monkeypatch.setenv(name, "/usr/lib/libjemalloc.so.2" if name == "LD_PRELOAD" else "65536")
+    for other in ALLOCATOR_ENV:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, CHOSEN[name])
     monkeypatch.setattr(allocator, "_glibc", lambda: pytest.fail("the C library was reached"))
     assert keep_freed_memory() is False
+
+
+@glibc_only
+def test_applied_beside_variables_that_do_not_choose_the_allocator(monkeypatch) -> None:
+    for other in ALLOCATOR_ENV:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libgomp.so.1")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
+    assert keep_freed_memory() is True  # this test process keeps freed memory, as the mdetr command's
 
 
 @pytest.mark.parametrize(("setting", "calls"), [(None, 1), ("1", 1), ("0", 0)])

@@ -17,7 +17,6 @@ reached through ``ctypes`` because neither Python nor PyTorch exposes it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -28,18 +27,26 @@ _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 1 << 30
 
-# Variables that mean the allocator is already chosen or tuned: then it is left alone.
+# Environment variables that can choose or tune the allocator; it is left alone where one of them does.
 ALLOCATOR_ENV = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def _allocator_chosen() -> bool:
+    """Whether the environment preloads another allocator (jemalloc, tcmalloc, mimalloc: each library's
+    name has "malloc") or sets glibc's malloc thresholds or tunables."""
+    env = os.environ
+    return bool("malloc" in env.get("LD_PRELOAD", "") or env.get("MALLOC_MMAP_THRESHOLD_")
+                or env.get("MALLOC_TRIM_THRESHOLD_") or "glibc.malloc." in env.get("GLIBC_TUNABLES", ""))
 
 
 def keep_freed_memory(*, mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Serve blocks up to ``mmap_threshold`` bytes from the heap and return freed heap memory to the kernel
     only beyond ``trim_threshold`` bytes (glibc ``mallopt``), for the whole process, from now on; returns
     whether the setting took effect. It does nothing (and returns False) off Linux, on a C library other
-    than glibc, and where an environment variable of :data:`ALLOCATOR_ENV` is set (another allocator
-    preloaded, or glibc's thresholds set by the user). The ``mdetr`` command calls it at start unless
+    than glibc, and where the environment chooses the allocator (:data:`ALLOCATOR_ENV`: another allocator
+    in ``LD_PRELOAD``, or glibc's malloc settings). The ``mdetr`` command calls it at start unless
     ``MDETR_KEEP_FREED_MEMORY=0``."""
-    if not sys.platform.startswith("linux") or any(os.environ.get(name) for name in ALLOCATOR_ENV):
+    if not sys.platform.startswith("linux") or _allocator_chosen():
         return False
     libc = _glibc()
     if libc is None:
@@ -51,10 +58,11 @@ def keep_freed_memory(*, mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: i
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """The process's own C library (the symbols already loaded: no library search), if it is glibc."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # noqa: B018 (only glibc has it)
-    except (OSError, AttributeError, TypeError):
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
         return None
     return libc
